@@ -1,0 +1,59 @@
+"""``diffjax convert SRC DST``: diffusers / original SD checkpoints -> diffjax (Orbax) models."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "convert a diffusers folder or an original Stable Diffusion checkpoint to a diffjax model"
+
+_EPILOG = """\
+SRC can be
+  * a diffusers model folder      (config.json + diffusion_pytorch_model.safetensors,
+                                   or a sharded *.safetensors.index.json)
+  * a diffusers pipeline folder   (model_index.json with unet/ and vae/; the scheduler's
+                                   prediction_type is recorded with the UNet)
+  * an original single-file SD    (.safetensors / .ckpt with model.diffusion_model.* and
+    checkpoint                     first_stage_model.* keys): needs --config
+DST is written as an Orbax checkpoint directory with the params and the config (JSON);
+a pipeline or a single file with UNet and VAE gives DST/unet and DST/vae.
+Load it with:  module, params = diffjax.convert.load_pretrained(DST[, "unet"])
+
+Conversion is strict: any missing, unexpected or mis-shaped key is an error that lists
+the keys, and nothing is written.
+
+examples:
+  diffjax convert data/sample_tiny_sd /tmp/tiny_sd
+  diffjax convert stable-diffusion-2-1/unet sd21_unet
+  diffjax convert v2-1_768-ema-pruned.safetensors sd21 --config sd21
+  diffjax convert sd_xl_base_1.0.safetensors sdxl_vae --config sdxl --component vae
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from diffjax.convert.presets import PRESETS
+
+    parser.epilog = _EPILOG
+    parser.add_argument("src", metavar="SRC", help="diffusers folder or single-file checkpoint")
+    parser.add_argument("dst", metavar="DST", help="output directory (must not exist)")
+    parser.add_argument("--config", metavar="NAME|JSON",
+                        help="architecture of a single-file checkpoint: one of "
+                             f"{', '.join(PRESETS)}, or a diffusers config.json")
+    parser.add_argument("--component", choices=("unet", "vae"),
+                        help="convert only this model of a pipeline / single file")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="cast the parameters (default: keep the stored dtype)")
+    parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"),
+                        help="record the UNet's prediction type (default: from the scheduler "
+                             "config or the preset, else epsilon)")
+    parser.add_argument("--variant", help="diffusers weight variant, e.g. fp16 "
+                                          "(reads diffusion_pytorch_model.fp16.safetensors)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffjax.convert.files import convert
+
+    convert(args.src, args.dst, config=args.config, component=args.component, dtype=args.dtype,
+            prediction_type=args.prediction_type, variant=args.variant,
+            overwrite=args.overwrite, progress=not args.no_progress)
+    return 0
