@@ -14,12 +14,26 @@ parameters are passed in explicitly (pure functional, like Flax). Every codec:
   file decoded with other weights is refused.
 
 Codecs register themselves with :func:`register` so the CLI and the rate-distortion runner
-find them by name.
+find them by name (``diffjax.codecs.get("hyperprior", N=128, M=192, mean_scale=True)``).
+
+**Rate points.** A codec whose one set of parameters covers several rates (e.g. a
+lambda-conditioned model) takes ``quality: int`` (0..255) as a constructor argument and
+writes it into the header's quality field; a codec with one trained model per rate (the
+hyperprior: one parameter set per lambda) writes 0 and the rate point is identified by the
+fingerprint. The rate-distortion runner loops over (quality, params) pairs.
+
+**Codec ids** (header field; ``register`` refuses duplicates): 1 hyperprior, 2 residual,
+3 foundation, 4 diffae, 5 hint; 100+ for experiments.
+
+Shared helpers: :func:`check_image` (validates uint8 ``[H, W, 3]``), :func:`pad_to_multiple`
+/ :func:`crop` (edge-pad bottom/right to the model stride, crop back) and
+:func:`fingerprint_pytree` (16-byte hash of a parameter pytree).
 """
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, ClassVar
+import hashlib
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
@@ -42,18 +56,95 @@ class Codec(abc.ABC):
     def fingerprint(self, params: Any) -> bytes:
         """Hash of the parameters written into every bitstream header."""
 
+    def encode_batch(self, params: Any, images: Sequence[np.ndarray]) -> list:
+        """Encode several images; codecs may batch the network work (same result)."""
+        return [self.encode(params, im) for im in images]
+
+    def decode_batch(self, params: Any, datas: Sequence[bytes]) -> list:
+        """Decode several bitstreams; must equal decoding them one at a time."""
+        return [self.decode(params, d) for d in datas]
+
+
+def check_image(image: Any) -> np.ndarray:
+    """Validate a codec input: a uint8 ``[H, W, 3]`` array with H, W >= 1."""
+    from diffjax.errors import InputError
+
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise InputError(f"expected a uint8 image, got dtype {image.dtype}")
+    if image.ndim != 3 or image.shape[-1] != 3 or min(image.shape[:2]) < 1:
+        raise InputError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
+    return image
+
+
+def pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
+    """Edge-pad ``[..., H, W, C]`` at the bottom/right up to multiples of ``multiple``.
+
+    Edge (replicate) padding costs fewer bits than zeros and works for any size; the true
+    size travels in the bitstream header and :func:`crop` undoes it.
+    """
+    h, w = image.shape[-3], image.shape[-2]
+    ph, pw = -h % multiple, -w % multiple
+    if not (ph or pw):
+        return image
+    pad = [(0, 0)] * (image.ndim - 3) + [(0, ph), (0, pw), (0, 0)]
+    return np.pad(image, pad, mode="edge")
+
+
+def crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Inverse of :func:`pad_to_multiple`: the top-left ``height x width``."""
+    return image[..., :height, :width, :]
+
+
+def fingerprint_pytree(tree: Any, *extra: bytes) -> bytes:
+    """16-byte BLAKE2b of a pytree's paths, dtypes, shapes and values (little-endian).
+
+    ``extra`` (e.g. a config string, derived tables) is hashed too. The same parameters
+    give the same fingerprint on every machine.
+    """
+    import jax
+
+    h = hashlib.blake2b(digest_size=16)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = np.asarray(leaf)
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(f"{a.dtype.name}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a, a.dtype.newbyteorder("<")).tobytes())
+    for e in extra:
+        h.update(len(e).to_bytes(8, "little"))
+        h.update(e)
+    return h.digest()
+
 
 _REGISTRY: dict[str, Callable[..., Codec]] = {}
+_IDS: dict[int, str] = {}
 
 
 def register(name: str):
-    """Class/factory decorator: ``@register("hyperprior")``."""
+    """Class/factory decorator: ``@register("hyperprior")``.
+
+    A class with a ``codec_id`` is also entered in the id table used by ``diffjax info``;
+    a name or id used twice raises ``ValueError``.
+    """
 
     def wrap(factory):
+        codec_id = getattr(factory, "codec_id", None)
+        old = _REGISTRY.get(name, factory)
+        if (old.__module__, old.__qualname__) != (factory.__module__, factory.__qualname__):
+            raise ValueError(f"codec name {name!r} is already registered")
+        if codec_id is not None:
+            if _IDS.get(codec_id, name) != name:
+                raise ValueError(f"codec id {codec_id} is already used by {_IDS[codec_id]!r}")
+            _IDS[codec_id] = name
         _REGISTRY[name] = factory
         return factory
 
     return wrap
+
+
+def codec_name(codec_id: int) -> str | None:
+    """The registered name of ``codec_id`` (None if unknown)."""
+    return _IDS.get(codec_id)
 
 
 def available() -> list[str]:

@@ -1,0 +1,256 @@
+"""The hyperprior codec: scale (Ballé 2018) or mean-scale (Minnen 2018) hyperprior.
+
+Encode (Ballé et al., ICLR 2018, fig. 4; Minnen et al., NeurIPS 2018, fig. 1 without the
+context model): edge-pad the uint8 image to a multiple of 64, ``y = g_a(x)``,
+``z = h_a(y)``; ``ẑ = round(z - median) + median`` is coded with the factorized table
+(one row per channel); ``(σ, μ) = h_s(ẑ)``; ``round(y - μ)`` is coded with the Gaussian
+table row of ``σ``. Decode mirrors it and crops back.
+
+Bitstream sections (inside the ``diffjax.entropy.bitstream`` container, codec id 1):
+
+0. ``meta``: CRC32 of the z symbols and of the y symbols (8 bytes). The y rows come from
+   the decoder's own ``h_s`` evaluation; if a platform computed a different row than the
+   encoder (non-deterministic floats), the decoded symbols differ and the CRC turns that
+   into :class:`WrongModelError` instead of a garbage image;
+1. ``z``: the hyper-latent stream; 2. ``y``: the latent stream.
+
+The fingerprint hashes the parameters, the model configuration and both integer CDF
+tables. Network stages are jitted once per shape and cached on the codec object (the
+codec is an entry point, like a sampler); entropy coding runs on the host.
+
+    codec = diffjax.codecs.get("hyperprior", N=128, M=192, mean_scale=True)
+    data = codec.encode(params, image)      # uint8 [H, W, 3] -> bytes
+    image2 = codec.decode(params, data)     # -> uint8 [H, W, 3]
+"""
+from __future__ import annotations
+
+import dataclasses
+import struct
+import zlib
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffjax.codecs.base import (
+    Codec,
+    check_image,
+    crop,
+    fingerprint_pytree,
+    pad_to_multiple,
+    register,
+)
+from diffjax.entropy import bitstream, coder
+from diffjax.entropy.bitstream import CorruptError, WrongModelError
+from diffjax.entropy.models import (
+    DEFAULT_SCALE_TABLE,
+    bits,
+    factorized_medians,
+    factorized_table,
+    gaussian_table,
+)
+from diffjax.errors import InputError
+from diffjax.models.hyperprior import STRIDE, HyperpriorModel
+
+_META = struct.Struct("<II")
+
+
+def _crc(symbols: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(symbols, "<i4").tobytes())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    fingerprint: bytes
+    z_table: coder.CdfTable
+    medians: np.ndarray
+
+
+@register("hyperprior")
+class HyperpriorCodec(Codec):
+    """Codec around :class:`~diffjax.models.hyperprior.HyperpriorModel` (see module doc).
+
+    ``params`` is the model's ``"params"`` collection (a ``{"params": ...}`` variables
+    dict is accepted too).
+    """
+
+    name = "hyperprior"
+    codec_id = 1
+
+    def __init__(self, N: int = 128, M: int = 192, mean_scale: bool = False,
+                 scale_table: Sequence[float] = DEFAULT_SCALE_TABLE):
+        self.model = HyperpriorModel(N=int(N), M=int(M), mean_scale=bool(mean_scale),
+                                     scale_table=tuple(float(s) for s in scale_table))
+        self.y_table = gaussian_table(self.model.scale_table)
+        self._config = (f"hyperprior/N={self.model.N}/M={self.model.M}/"
+                        f"mean_scale={self.model.mean_scale}").encode()
+        self._cache: tuple = ((), None)
+        m = self.model
+
+        def analyze(p, x, medians):
+            def f(mod, x):
+                y = mod.analysis(x)
+                return y, jnp.round(mod.hyper_analysis(y) - medians).astype(jnp.int32)
+            return m.apply({"params": p}, x, method=f)
+
+        def hyper(p, z_sym, medians):
+            def f(mod, z_sym):
+                scales, means = mod.hyper_synthesis(z_sym.astype(jnp.float32) + medians)
+                means = jnp.zeros_like(scales) if means is None else means
+                return mod.table_indexes(scales), means
+            return m.apply({"params": p}, z_sym, method=f)
+
+        def synthesize(p, y_sym, means):
+            x = m.apply({"params": p}, y_sym.astype(jnp.float32) + means, method="synthesis")
+            return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+        def estimate(p, x):
+            out = m.apply({"params": p}, x, train=False)
+            return {k: bits(v) for k, v in out["likelihoods"].items()}
+
+        self._analyze, self._hyper = jax.jit(analyze), jax.jit(hyper)
+        self._synthesize, self._estimate = jax.jit(synthesize), jax.jit(estimate)
+
+    # ----------------------------------------------------------------- parameters
+    def init(self, rng: jax.Array, size: int = STRIDE) -> dict:
+        """Random parameters (the ``"params"`` collection)."""
+        x = jnp.zeros((1, size, size, 3), jnp.float32)
+        return self.model.init({"params": rng, "noise": rng}, x, train=False)["params"]
+
+    @staticmethod
+    def _unwrap(params: Any) -> Any:
+        if isinstance(params, dict) and set(params) == {"params"}:
+            return params["params"]
+        return params
+
+    def _prepared(self, params: Any) -> _Prepared:
+        leaves = jax.tree_util.tree_leaves(params)
+        cached_leaves, prepared = self._cache
+        if (prepared is not None and len(leaves) == len(cached_leaves)
+                and all(a is b for a, b in zip(leaves, cached_leaves))):
+            return prepared
+        try:
+            eb = params["entropy_bottleneck"]
+        except (KeyError, TypeError) as err:
+            raise InputError("params are not HyperpriorModel parameters") from err
+        z_table = factorized_table(eb)
+        prepared = _Prepared(
+            fingerprint_pytree(params, self._config, z_table.digest(), self.y_table.digest()),
+            z_table, factorized_medians(eb),
+        )
+        # Only immutable (jax) leaves are safe to cache by identity.
+        if all(isinstance(a, jax.Array) for a in leaves):
+            self._cache = (tuple(leaves), prepared)
+        return prepared
+
+    def fingerprint(self, params: Any) -> bytes:
+        return self._prepared(self._unwrap(params)).fingerprint
+
+    # ----------------------------------------------------------------- helpers
+    def _z_indexes(self, z_shape) -> np.ndarray:
+        return np.broadcast_to(np.arange(self.model.N, dtype=np.int32), z_shape)
+
+    def _geometry(self, height: int, width: int):
+        hp, wp = -(-height // STRIDE) * STRIDE, -(-width // STRIDE) * STRIDE
+        return (hp // STRIDE, wp // STRIDE, self.model.N), (hp // 16, wp // 16, self.model.M)
+
+    def latents(self, params: Any, images: np.ndarray) -> dict:
+        """Quantised latents of a batch ``[B, H, W, 3]`` uint8 (same size), host arrays.
+
+        Returns ``y_symbols``, ``z_symbols``, ``indexes`` (Gaussian table rows) and
+        ``means``; ``y_hat = y_symbols + means`` is what the decoder synthesises.
+        """
+        p = self._unwrap(params)
+        prep = self._prepared(p)
+        x = pad_to_multiple(np.asarray(images), STRIDE).astype(np.float32) / 255.0
+        y, z_sym = self._analyze(p, x, prep.medians)
+        idx, means = self._hyper(p, z_sym, prep.medians)
+        y, means = np.asarray(y), np.asarray(means)
+        v = y - means
+        if not np.all(np.isfinite(v)):
+            raise InputError("the analysis transform produced non-finite latents (NaN/inf params?)")
+        if np.abs(v).max(initial=0) > coder.MAX_ABS_SYMBOL:
+            raise InputError("latents too large to code (broken parameters?)")
+        return {"y_symbols": np.rint(v).astype(np.int32), "z_symbols": np.asarray(z_sym),
+                "indexes": np.asarray(idx), "means": means}
+
+    def estimate_bits(self, params: Any, image: np.ndarray) -> dict:
+        """The model's evaluation-mode rate of one image in bits: ``{"y", "z", "total"}``."""
+        p = self._unwrap(params)
+        x = pad_to_multiple(check_image(image), STRIDE)[None].astype(np.float32) / 255.0
+        est = {k: float(v) for k, v in self._estimate(p, x).items()}
+        est["total"] = est["y"] + est["z"]
+        return est
+
+    # ----------------------------------------------------------------- protocol
+    def encode(self, params: Any, image: np.ndarray) -> bytes:
+        return self.encode_batch(params, [image])[0]
+
+    def decode(self, params: Any, data: bytes) -> np.ndarray:
+        return self.decode_batch(params, [data])[0]
+
+    def encode_batch(self, params: Any, images: Sequence[np.ndarray]) -> list:
+        """Encode images; those of the same padded size share one network call."""
+        p = self._unwrap(params)
+        prep = self._prepared(p)
+        images = [check_image(im) for im in images]
+        out: list = [None] * len(images)
+        for key, members in _group(images, lambda im: self._geometry(*im.shape[:2])).items():
+            padded = np.stack([pad_to_multiple(images[i], STRIDE) for i in members])
+            lat = self.latents(p, padded)
+            for j, i in enumerate(members):
+                z_sym, y_sym = lat["z_symbols"][j], lat["y_symbols"][j]
+                sections = [
+                    _META.pack(_crc(z_sym), _crc(y_sym)),
+                    coder.encode(z_sym, self._z_indexes(z_sym.shape), prep.z_table),
+                    coder.encode(y_sym, lat["indexes"][j], self.y_table),
+                ]
+                h, w = images[i].shape[:2]
+                out[i] = bitstream.pack(self.codec_id, prep.fingerprint, sections,
+                                        height=h, width=w)
+        return out
+
+    def decode_batch(self, params: Any, datas: Sequence[bytes]) -> list:
+        """Decode bitstreams; same-size images share one network call, same result."""
+        p = self._unwrap(params)
+        prep = self._prepared(p)
+        items = []
+        for data in datas:
+            header, sections = bitstream.unpack(data, codec_id=self.codec_id,
+                                                fingerprint=prep.fingerprint)
+            if (header.frames, header.channels, len(sections)) != (1, 3, 3) or len(
+                    sections[0]) != _META.size:
+                raise CorruptError("hyperprior bitstream has the wrong section layout")
+            z_shape, y_shape = self._geometry(header.height, header.width)
+            z_sym = coder.decode(sections[1], self._z_indexes(z_shape), prep.z_table)
+            z_crc, y_crc = _META.unpack(sections[0])
+            if _crc(z_sym) != z_crc:
+                raise CorruptError("hyper-latent symbols fail their checksum")
+            items.append((header, sections[2], z_sym, y_crc, y_shape))
+        out: list = [None] * len(items)
+        for key, members in _group(items, lambda it: it[2].shape).items():
+            z_batch = np.stack([items[i][2] for i in members])
+            idx, means = self._hyper(p, z_batch, prep.medians)
+            idx, means = np.asarray(idx), np.asarray(means)
+            y_batch = np.empty(idx.shape, np.int32)
+            for j, i in enumerate(members):
+                header, y_data, _, y_crc, y_shape = items[i]
+                y_batch[j] = coder.decode(y_data, idx[j], self.y_table)
+                if _crc(y_batch[j]) != y_crc:
+                    raise WrongModelError(
+                        "decoded latents fail their checksum: this decoder's hyper-synthesis "
+                        "disagrees with the encoder's (different weights or a platform with "
+                        "different floating-point results)")
+            x = np.asarray(self._synthesize(p, y_batch, means))
+            for j, i in enumerate(members):
+                out[i] = crop(x[j], items[i][0].height, items[i][0].width)
+        return out
+
+
+def _group(items, key) -> dict:
+    """Indexes of ``items`` grouped by ``key(item)``, in first-seen order."""
+    groups: dict = {}
+    for i, item in enumerate(items):
+        groups.setdefault(key(item), []).append(i)
+    return groups
