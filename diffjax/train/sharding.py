@@ -69,3 +69,72 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
     """Sharding of an array copied to every device (e.g. small parameters)."""
     return NamedSharding(mesh, P())
+
+
+# --------------------------------------------------------------------------------------
+# Parameter / train-state shardings (added by the training infrastructure).
+
+
+def logical_param_shardings(abstract_params, mesh: Mesh,
+                            rules: Sequence[tuple[str, object]] | None = None,
+                            fsdp_min_size: int = 0):
+    """Mesh shardings of a (possibly logically annotated) parameter tree.
+
+    ``abstract_params`` is what ``jax.eval_shape(model.init, ...)`` returns: leaves that
+    were created with ``nn.with_logical_partitioning`` are boxed and carry logical axis
+    names, which ``rules`` (default :data:`DEFAULT_LOGICAL_AXIS_RULES`) map to mesh axes.
+    With ``fsdp_min_size > 0``, unannotated leaves of at least that many elements are
+    additionally split over the ``"fsdp"`` axis on their largest divisible dimension
+    (ZeRO-3 style), so models without annotations still shard. Returns a tree of
+    ``NamedSharding`` with the structure of the *unboxed* parameters.
+    """
+    import flax.linen as nn
+
+    rules = tuple(rules) if rules is not None else DEFAULT_LOGICAL_AXIS_RULES
+    specs = nn.get_partition_spec(abstract_params)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    unboxed = nn.meta.unbox(abstract_params)
+    fsdp = mesh.shape.get("fsdp", 1)
+    if fsdp_min_size <= 0 or fsdp == 1:
+        return shardings
+
+    def auto(leaf, sharding):
+        if tuple(sharding.spec) or int(np.prod(leaf.shape)) < fsdp_min_size:
+            return sharding
+        dims = sorted(range(len(leaf.shape)), key=lambda d: -leaf.shape[d])
+        for d in dims:
+            if leaf.shape[d] % fsdp == 0:
+                spec = [None] * len(leaf.shape)
+                spec[d] = "fsdp"
+                return NamedSharding(mesh, P(*spec))
+        return sharding
+
+    return jax.tree.map(auto, unboxed, shardings)
+
+
+def match_param_shardings(abstract_tree, abstract_params, param_shardings, default):
+    """Shardings for a tree that *contains* copies of the parameters (optimizer moments,
+    EMA weights): a leaf whose key path ends with a parameter's key path and has that
+    parameter's shape gets the parameter's sharding; every other leaf gets ``default``.
+
+    Works for any optax state (``multi_transform``, masked, chained) because it relies
+    only on optax keeping the parameter tree structure inside its state.
+    """
+    from jax.tree_util import tree_flatten_with_path
+
+    by_path = {}
+    for (path, leaf), sharding in zip(tree_flatten_with_path(abstract_params)[0],
+                                      jax.tree.leaves(param_shardings)):
+        by_path[tuple(path)] = (tuple(leaf.shape), sharding)
+    lengths = sorted({len(p) for p in by_path}, reverse=True)
+
+    def pick(path, leaf):
+        path = tuple(path)
+        for n in lengths:
+            if n <= len(path) and path[-n:] in by_path:
+                shape, sharding = by_path[path[-n:]]
+                if shape == tuple(getattr(leaf, "shape", ())):
+                    return sharding
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_tree)

@@ -1,0 +1,87 @@
+"""Orbax checkpointing of the train state, with the experiment config beside it.
+
+Each step directory ``<workdir>/checkpoints/<step>/`` holds two items: ``state`` (the
+:class:`~diffjax.train.state.TrainState`, sharded arrays written by every host) and
+``config`` (the experiment config as JSON). Saves are asynchronous and atomic: Orbax
+writes into ``<step>.orbax-checkpoint-tmp*`` and renames when complete, so a save that
+is interrupted (crash, preemption, Ctrl-C) never produces a step that looks valid;
+leftover temporary directories are ignored and removed on the next start
+(``cleanup_tmp_directories``). Restores place every array directly with the sharding of
+the running job.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+
+from diffjax.errors import CheckpointError
+
+
+class Checkpointer:
+    """Thin wrapper of ``ocp.CheckpointManager`` for train states.
+
+    ``save_every``: save when ``step % save_every == 0`` (plus forced saves);
+    ``keep``: number of most recent checkpoints kept (``None`` = all).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int | None = 3,
+                 async_save: bool = True):
+        self.directory = pathlib.Path(directory).absolute()
+        self.save_every = max(1, int(save_every))
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=max(1, int(save_every)), max_to_keep=keep, create=True,
+            cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "config"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        """Whether :meth:`save` at ``step`` would write (interval, not yet saved)."""
+        step = int(step)
+        return step % self.save_every == 0 and bool(self.manager.should_save(step))
+
+    def save(self, step: int, state: Any, config: Mapping[str, Any], *, force: bool = False) -> bool:
+        """Start saving ``state`` at ``step`` if the interval says so (or ``force``)."""
+        return self.manager.save(
+            int(step), force=force,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    config=ocp.args.JsonSave(dict(config))))
+
+    def restore(self, step: int, target: Any) -> Any:
+        """Restore the state saved at ``step`` into the layout of ``target`` (an abstract
+        tree of ``jax.ShapeDtypeStruct`` with shardings, see ``state.with_shardings``)."""
+        try:
+            out = self.manager.restore(
+                int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        except (ValueError, KeyError, FileNotFoundError) as err:
+            raise CheckpointError(f"cannot restore step {step} from {self.directory}: {err}") from err
+        return out.state
+
+    def restore_config(self, step: int) -> dict:
+        out = self.manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return dict(out.config)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True when the cluster announced a preemption (all hosts agree on the step)."""
+        return bool(self.manager.reached_preemption(int(step)))
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """``ShapeDtypeStruct`` tree (with shardings) of concrete arrays."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -1,0 +1,105 @@
+"""The task interface: how a codec plugs into the generic train loop.
+
+A task is a small object built from ``config.task`` that owns the model and the loss::
+
+    class MyTask(Task):
+        def init_params(self, rng, batch_spec):     # dict of jax.ShapeDtypeStruct
+            x = jnp.zeros((1,) + batch_spec["image"].shape[1:])
+            return model.init({"params": rng}, x)["params"]
+        def loss_fn(self, params, batch, rng, step):  # -> (scalar loss, {name: scalar})
+            ...
+        def param_labels(self, params):             # optional: "frozen" / "trainable" / ...
+            ...
+
+* ``init_params`` gets the global batch layout (shapes and dtypes only) and runs under
+  ``jax.eval_shape`` first (to derive shardings) and then under ``jax.jit`` with
+  ``out_shardings``, so parameters are created already sharded.
+  It may return parameters boxed with ``nn.with_logical_partitioning``.
+* ``loss_fn`` is pure and jittable; ``rng`` is derived by the loop from the root key
+  (``fold_in(root, step)``, then per example, see below); ``step`` is a traced int.
+* ``param_labels`` returns a label tree (see :mod:`diffjax.train.optim`): frozen
+  subtrees (a frozen SD backbone) or only-trained subtrees (LoRA adapters).
+* ``per_example_rng`` (default ``True``): the loop calls ``loss_fn`` on each example
+  (a batch of one, ``jax.vmap``-ed, which XLA turns back into one batched computation)
+  with the key ``fold_in(fold_in(root, step), global_example_index)`` and averages. The
+  noise an example sees then does not depend on how the batch is split over devices,
+  which is what makes the data-parallel jit step, the single-device step and the pmap
+  step agree for stochastic losses (additive quantisation noise, diffusion timesteps).
+  Tasks whose loss couples examples (batch statistics, contrastive terms) set it to
+  ``False`` and receive the whole (per-device, under pmap) batch and one key.
+
+Tasks are registered by name in :data:`TASKS` (``name -> "module:attribute"``, imported
+lazily), like the CLI's command registry; later codecs add one line each.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from diffjax.errors import InputError
+
+TASKS: dict[str, str] = {
+    "toy_autoencoder": "diffjax.train.toy:ToyAutoencoderTask",
+    "rate_distortion": "diffjax.train.rate_distortion:RateDistortionTask",
+}
+
+
+class Task:
+    """Base class of training tasks (see the module docstring)."""
+
+    per_example_rng: bool = True
+
+    def init_params(self, rng: jax.Array, batch_spec: Mapping[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def loss_fn(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
+                step: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        raise NotImplementedError
+
+    def param_labels(self, params: Any) -> Any:
+        """Label tree for the optimizer; ``None`` = every parameter trains."""
+        return None
+
+
+def build_task(cfg: Mapping[str, Any]) -> Task:
+    """Instantiate ``TASKS[cfg["name"]](**cfg["kwargs"])``."""
+    name = cfg.get("name")
+    if name not in TASKS:
+        raise InputError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
+    module_name, attr = TASKS[name].split(":")
+    factory = getattr(importlib.import_module(module_name), attr)
+    kwargs = dict(cfg.get("kwargs") or {})
+    try:
+        return factory(**kwargs)
+    except TypeError as err:
+        raise InputError(f"task {name!r}: bad arguments {sorted(kwargs)}: {err}") from err
+
+
+def batch_size_of(batch: Mapping[str, Any]) -> int:
+    sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1:
+        raise InputError(f"batch leaves disagree on the batch size: {sorted(sizes)}")
+    return sizes.pop()
+
+
+def task_loss(task: Task, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
+              step: jax.Array, example_offset: jax.Array | int = 0):
+    """Mean loss and metrics over ``batch`` with the RNG convention of the module docstring.
+
+    ``example_offset`` is the global index of the first example of ``batch`` (non-zero
+    on all but the first device of a pmap).
+    """
+    if not task.per_example_rng:
+        return task.loss_fn(params, batch, rng, step)
+    n = batch_size_of(batch)
+    ids = jnp.asarray(example_offset, jnp.int32) + jnp.arange(n, dtype=jnp.int32)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, ids)
+
+    def one(example, key):
+        return task.loss_fn(params, jax.tree.map(lambda a: a[None], example), key, step)
+
+    losses, metrics = jax.vmap(one)(batch, keys)
+    return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
