@@ -19,6 +19,7 @@ import sys
 # name -> module implementing the subcommand (see the module docstring for the protocol).
 COMMANDS = {
     "convert": "diffjax.convert.command",
+    "info": "diffjax.entropy.info",
 }
 
 

@@ -7,12 +7,12 @@ context model): edge-pad the uint8 image to a multiple of 64, ``y = g_a(x)``,
 table row of ``σ``. Decode mirrors it and crops back.
 
 Bitstream sections (inside the ``diffjax.entropy.bitstream`` container, codec id 1):
-
-0. ``meta``: CRC32 of the z symbols and of the y symbols (8 bytes). The y rows come from
-   the decoder's own ``h_s`` evaluation; if a platform computed a different row than the
-   encoder (non-deterministic floats), the decoded symbols differ and the CRC turns that
-   into :class:`WrongModelError` instead of a garbage image;
-1. ``z``: the hyper-latent stream; 2. ``y``: the latent stream.
+``z`` (the hyper-latent stream) and ``y`` (the latent stream). Each stream carries the
+CRC32 of its symbols (``diffjax.entropy.coder``). The y rows come from the decoder's own
+``h_s`` evaluation; if a platform computed another row than the encoder did (different
+floating-point results), the decoded symbols differ and, since the container CRC has
+already vouched for the bytes, that is reported as :class:`WrongModelError` instead of
+returning a garbage image.
 
 The fingerprint hashes the parameters, the model configuration and both integer CDF
 tables. Network stages are jitted once per shape and cached on the codec object (the
@@ -25,8 +25,6 @@ codec is an entry point, like a sampler); entropy coding runs on the host.
 from __future__ import annotations
 
 import dataclasses
-import struct
-import zlib
 from typing import Any, Sequence
 
 import jax
@@ -52,13 +50,6 @@ from diffjax.entropy.models import (
 )
 from diffjax.errors import InputError
 from diffjax.models.hyperprior import STRIDE, HyperpriorModel
-
-_META = struct.Struct("<II")
-
-
-def _crc(symbols: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(symbols, "<i4").tobytes())
-
 
 @dataclasses.dataclass(frozen=True)
 class _Prepared:
@@ -196,13 +187,12 @@ class HyperpriorCodec(Codec):
         prep = self._prepared(p)
         images = [check_image(im) for im in images]
         out: list = [None] * len(images)
-        for key, members in _group(images, lambda im: self._geometry(*im.shape[:2])).items():
+        for members in _group(images, lambda im: self._geometry(*im.shape[:2])).values():
             padded = np.stack([pad_to_multiple(images[i], STRIDE) for i in members])
             lat = self.latents(p, padded)
             for j, i in enumerate(members):
                 z_sym, y_sym = lat["z_symbols"][j], lat["y_symbols"][j]
                 sections = [
-                    _META.pack(_crc(z_sym), _crc(y_sym)),
                     coder.encode(z_sym, self._z_indexes(z_sym.shape), prep.z_table),
                     coder.encode(y_sym, lat["indexes"][j], self.y_table),
                 ]
@@ -219,29 +209,25 @@ class HyperpriorCodec(Codec):
         for data in datas:
             header, sections = bitstream.unpack(data, codec_id=self.codec_id,
                                                 fingerprint=prep.fingerprint)
-            if (header.frames, header.channels, len(sections)) != (1, 3, 3) or len(
-                    sections[0]) != _META.size:
+            if (header.frames, header.channels, len(sections)) != (1, 3, 2):
                 raise CorruptError("hyperprior bitstream has the wrong section layout")
-            z_shape, y_shape = self._geometry(header.height, header.width)
-            z_sym = coder.decode(sections[1], self._z_indexes(z_shape), prep.z_table)
-            z_crc, y_crc = _META.unpack(sections[0])
-            if _crc(z_sym) != z_crc:
-                raise CorruptError("hyper-latent symbols fail their checksum")
-            items.append((header, sections[2], z_sym, y_crc, y_shape))
+            z_shape, _ = self._geometry(header.height, header.width)
+            z_sym = coder.decode(sections[0], self._z_indexes(z_shape), prep.z_table)
+            items.append((header, sections[1], z_sym))
         out: list = [None] * len(items)
-        for key, members in _group(items, lambda it: it[2].shape).items():
+        for members in _group(items, lambda it: it[2].shape).values():
             z_batch = np.stack([items[i][2] for i in members])
             idx, means = self._hyper(p, z_batch, prep.medians)
             idx, means = np.asarray(idx), np.asarray(means)
             y_batch = np.empty(idx.shape, np.int32)
             for j, i in enumerate(members):
-                header, y_data, _, y_crc, y_shape = items[i]
-                y_batch[j] = coder.decode(y_data, idx[j], self.y_table)
-                if _crc(y_batch[j]) != y_crc:
+                try:
+                    y_batch[j] = coder.decode(items[i][1], idx[j], self.y_table)
+                except CorruptError as err:
                     raise WrongModelError(
-                        "decoded latents fail their checksum: this decoder's hyper-synthesis "
-                        "disagrees with the encoder's (different weights or a platform with "
-                        "different floating-point results)")
+                        "latents do not decode although the file is intact: this decoder's "
+                        "hyper-synthesis disagrees with the encoder's (different weights or "
+                        f"different floating-point results) [{err}]") from err
             x = np.asarray(self._synthesize(p, y_batch, means))
             for j, i in enumerate(members):
                 out[i] = crop(x[j], items[i][0].height, items[i][0].width)

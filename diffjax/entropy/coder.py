@@ -24,18 +24,24 @@ distance past the row edge: ``w`` (sign folded in) as an Elias-gamma-style expon
 chunks of at most 16 bits), CompressAI's "bypass" coding. Symbols must satisfy
 ``|s| <= MAX_ABS_SYMBOL``.
 
-Order on the stack (decode order): the symbols grouped by index (0, 1, ...; positions in
-C order within a group), then the escape exponents, low and high bit chunks. Decoding
-needs the same indexes (the Gaussian indexes come from the hyper-decoder).
+**Self-check.** Each stream ends with the CRC32 of its symbols (two uniform 16-bit
+symbols, 32 bits). Decoding needs the same indexes as encoding (the Gaussian indexes come
+from the hyper-decoder); if damage or a decoder that computes other indexes yields other
+symbols, the CRC no longer matches.
 
-Bad data never returns silently: any error from the coder, a stream that is not exactly
-consumed, or an escaped value out of range raises :class:`~diffjax.entropy.bitstream.CorruptError`.
+Order on the stack (decode order): the symbols grouped by index (0, 1, ...; positions in
+C order within a group), the escape exponents, low and high bit chunks, the CRC.
+
+Bad data never returns silently: any error from the coder, a CRC mismatch, a stream that
+is not exactly consumed, or an escaped value out of range raises
+:class:`~diffjax.entropy.bitstream.CorruptError`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import hashlib
+import zlib
 
 import constriction
 import numpy as np
@@ -110,17 +116,18 @@ class CdfTable:
         rows = []
         for f, n in zip(self.freqs, self.lengths):
             rows.append(constriction.stream.model.Categorical(
-                f[: n + 1].astype(np.float64), perfect=False))
+                f[: n + 1].astype(np.float64), perfect=True))
         return rows
 
     def ideal_bits(self, symbols, indexes) -> float:
-        """Ideal code length in bits of ``symbols`` under this table (escapes included)."""
+        """Ideal code length in bits of ``symbols`` under this table (escapes and the
+        32-bit checksum included)."""
         sym, idx = _check(symbols, indexes, self)
         main, esc, w = _split(sym, idx, self)
         f = self.freqs[idx, main]
         n = _exponents(w)
         return float(np.sum(self.precision - np.log2(f)) + esc.sum() * np.log2(_EXP_SIZE)
-                     + n.sum())
+                     + n.sum() + 32)
 
 
 def _check(symbols, indexes, table: CdfTable):
@@ -158,6 +165,15 @@ def _exponents(w):
     return n
 
 
+def symbols_crc(symbols) -> int:
+    """CRC32 of int32 little-endian symbols (C order)."""
+    return zlib.crc32(np.ascontiguousarray(symbols, "<i4").tobytes())
+
+
+def _crc_words(crc: int) -> np.ndarray:
+    return np.array([crc & 0xFFFF, crc >> 16], np.int32)
+
+
 def _groups(idx, k):
     order = np.argsort(idx.astype(np.int32), kind="stable")
     bounds = np.concatenate([[0], np.cumsum(np.bincount(idx, minlength=k))])
@@ -176,6 +192,8 @@ def encode(symbols, indexes, table: CdfTable) -> bytes:
     coder = constriction.stream.stack.AnsCoder()
     uniform = constriction.stream.model.Uniform()
     # Pushed in reverse of the decode order (ANS is a stack).
+    coder.encode_reverse(_crc_words(symbols_crc(sym.astype(np.int32))),
+                         constriction.stream.model.Uniform(1 << 16))
     for values, nbits in ((hi, n_hi), (lo, n_lo)):
         m = nbits > 0
         if m.any():
@@ -226,6 +244,7 @@ def decode(data: bytes, indexes, table: CdfTable) -> np.ndarray:
                 m = nbits > 0
                 if m.any():
                     values[m] = coder.decode(uniform, (np.int64(1) << nbits[m]).astype(np.int32))
+        crc = coder.decode(constriction.stream.model.Uniform(1 << 16), 2).astype(np.int64)
         empty = coder.is_empty()
     except Exception as err:  # constriction raises ValueError/KeyError/... on bad data
         raise CorruptError(f"entropy-coded data is invalid: {err}") from err
@@ -243,4 +262,8 @@ def decode(data: bytes, indexes, table: CdfTable) -> np.ndarray:
         sym[esc] = v + table.offsets[idx][esc]
     if sym.size and np.abs(sym).max() > MAX_ABS_SYMBOL:
         raise CorruptError("entropy-coded data decodes to out-of-range symbols")
-    return sym.astype(np.int32).reshape(indexes.shape)
+    sym = sym.astype(np.int32)
+    if symbols_crc(sym) != int(crc[0] | (crc[1] << 16)):
+        raise CorruptError("decoded symbols fail their checksum (damaged data, or indexes "
+                           "that differ from the encoder's)")
+    return sym.reshape(indexes.shape)

@@ -164,10 +164,10 @@ def bits(likelihoods, *, per_example: bool = False):
     """
     total = 0.0
     for leaf in jax.tree_util.tree_leaves(likelihoods):
-        logs = jnp.log(leaf.astype(jnp.float32))
+        logs = jnp.log2(leaf.astype(jnp.float32))
         axes = tuple(range(1, logs.ndim)) if per_example else None
-        total = total + jnp.sum(logs, axis=axes)
-    return total / -math.log(2.0)
+        total = total - jnp.sum(logs, axis=axes)
+    return total
 
 
 # --------------------------------------------------------------------------- modules

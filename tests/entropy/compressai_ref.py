@@ -1,0 +1,78 @@
+"""Import CompressAI (the reference implementation) without torchvision.
+
+CompressAI 1.2.8 imports ``torchvision``, ``torch_geometric`` and ``pandas`` at package
+import time for datasets and transforms the parity tests never touch; torchvision cannot
+load beside the disk torch build. A meta-path finder serves inert stub modules for
+exactly those packages (pandas only when it is not installed) while CompressAI imports,
+then removes itself and the stubs again. Used by tests/entropy, tests/models and tests/codecs (they add this directory
+to ``sys.path``).
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import types
+
+_ALWAYS_STUB = ("torchvision", "torch_geometric")
+
+
+class _Dummy:
+    """Stands in for any attribute of a stubbed module (classes, functions, decorators)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _Dummy()
+
+    def __getattr__(self, name):
+        return _Dummy()
+
+    def __mro_entries__(self, bases):
+        return (object,)
+
+
+class _StubModule(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Dummy()
+
+
+class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self, roots):
+        self.roots = tuple(roots)
+
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in self.roots:
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return _StubModule(spec.name)
+
+    def exec_module(self, module):
+        module.__path__ = []
+
+
+def import_compressai():
+    """Return the ``compressai`` package, importing it behind the stubs if needed."""
+    if "compressai" in sys.modules:
+        return sys.modules["compressai"]
+    roots = list(_ALWAYS_STUB)
+    if importlib.util.find_spec("pandas") is None:
+        roots.append("pandas")
+    finder = _StubFinder(roots)
+    sys.meta_path.insert(0, finder)
+    try:
+        import compressai  # noqa: F401
+        import compressai.entropy_models  # noqa: F401
+        import compressai.models  # noqa: F401
+    finally:
+        # Leave no trace for other tests: they may stub or import these packages themselves.
+        sys.meta_path.remove(finder)
+        for name in [n for n, m in sys.modules.items() if isinstance(m, _StubModule)]:
+            del sys.modules[name]
+    return compressai
