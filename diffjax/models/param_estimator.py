@@ -1,4 +1,5 @@
-"""Parameter estimation network P(y, lambda) and the adaptive quantiser of the foundation codec.
+"""The trainable networks of the foundation codec: P(y, lambda), the adaptive quantiser and
+the latent hyperprior.
 
 Relic et al., "Lossy Image Compression with Foundation Diffusion Models" (ECCV 2024), treat
 the quantisation error of a diffusion model's latent as diffusion noise. A small CNN looks at
@@ -34,7 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffjax.entropy.quantize import quantize as _quantize
+from diffjax.entropy.models import DEFAULT_SCALE_TABLE, EntropyBottleneck, GaussianConditional
+from diffjax.models.hyperprior import conv as hp_conv, deconv as hp_deconv
 from diffjax.nn.layers import conv2d
 
 Dtype = Any
@@ -128,21 +130,106 @@ def dequantize_latent(z: jax.Array, gamma: jax.Array) -> jax.Array:
     return affine_inverse(z, gamma)
 
 
-def quantize_for_training(y: jax.Array, gamma: jax.Array, mode: str = "noise", *,
-                          rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Differentiable stand-in for ``round(T(y))`` during training.
+# ---------------------------------------------------------------------------- entropy model
 
-    Returns ``(z_rate, z_decoder, y_hat)``: ``z_rate`` is where the entropy model's
-    likelihood is evaluated, ``z_decoder`` the (straight-through) rounded symbols and
-    ``y_hat = T^-1(z_decoder)`` what the diffusion model sees. ``mode`` is one of
-    :data:`diffjax.entropy.quantize.MODES`.
 
-    The default ``"noise"`` (Balle et al. 2017) gives ``y_hat = y + u / s`` with
-    ``u ~ U(-1/2, 1/2)``: the "quantisation error as diffusion noise" view of Relic et al.;
-    the distortion gradient reaches ``log s`` as ``d y_hat / d log s = -u / s``. With
-    straight-through rounding (``"ste"``/``"mixed"``) it is ``y - y_hat`` (the actual
-    rounding error), so both proxies train ``gamma`` through the distortion term too.
+class LatentHyperprior(nn.Module):
+    """Scale hyperprior (Balle et al., ICLR 2018, fig. 4) over the grid-domain latent ``z``.
+
+    ``w = h_a(|z|)`` (conv3 s1, conv5 s2, conv5 s2 with ReLUs; total stride 4) is coded
+    with the factorized :class:`~diffjax.entropy.models.EntropyBottleneck`; ``sigma =
+    h_s(w_hat)`` (two stride-2 transposed convs, conv3, ReLU) are the scales of the
+    zero-mean :class:`~diffjax.entropy.models.GaussianConditional` of ``z``. ``z`` itself is
+    coded as the integers ``round(z)`` (no mean offset), so the transmitted symbols are
+    exactly the grid of :func:`quantize_latent`. Layers are CompressAI's (``conv``/``deconv``
+    of :mod:`diffjax.models.hyperprior`).
     """
-    z = affine_forward(y, gamma)
-    z_rate, z_dec = _quantize(z, mode, rng=rng)
-    return z_rate, z_dec, affine_inverse(z_dec, gamma)
+
+    channels: int
+    hyper_channels: int = 64
+    scale_table: tuple = DEFAULT_SCALE_TABLE
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        n = self.hyper_channels
+        self.h_a = [hp_conv(n, 3, 1, **kw), hp_conv(n, **kw), hp_conv(n, **kw)]
+        self.h_s = [hp_deconv(n, **kw), hp_deconv(n, **kw), hp_conv(self.channels, 3, 1, **kw)]
+        self.entropy_bottleneck = EntropyBottleneck(n, **kw)
+        self.gaussian_conditional = GaussianConditional(self.scale_table)
+
+    def hyper_analysis(self, z: jax.Array) -> jax.Array:
+        """``z [B, h, w, C]`` (h, w multiples of 4) -> ``w [B, h/4, w/4, N]``."""
+        h = jnp.abs(z).astype(self.dtype)
+        for i, layer in enumerate(self.h_a):
+            h = layer(h)
+            if i < len(self.h_a) - 1:
+                h = nn.relu(h)
+        return h
+
+    def hyper_synthesis(self, w_hat: jax.Array) -> jax.Array:
+        """``w_hat`` -> scales ``[B, 4 h', 4 w', C]`` of ``z`` (float32)."""
+        h = w_hat.astype(self.dtype)
+        for layer in self.h_s:
+            h = nn.relu(layer(h))
+        return h.astype(jnp.float32)
+
+    def w_medians(self) -> jax.Array:
+        return self.entropy_bottleneck.medians()
+
+    def table_indexes(self, scales: jax.Array) -> jax.Array:
+        return self.gaussian_conditional.table_indexes(scales)
+
+    def aux_loss(self) -> jax.Array:
+        return self.entropy_bottleneck.aux_loss()
+
+    def __call__(self, z: jax.Array, *, train: bool, mode: str | None = None):
+        """``z`` (continuous, grid units) -> ``(z_hat, {"z": lik, "w": lik})``.
+
+        ``mode`` as :func:`diffjax.entropy.quantize.quantize` (default: ``"noise"`` when
+        training, ``"round"`` otherwise); noise comes from the ``"noise"`` RNG stream.
+        """
+        w = self.hyper_analysis(z)
+        w_hat, w_lik = self.entropy_bottleneck(w, train=train, mode=mode)
+        scales = self.hyper_synthesis(w_hat)
+        z_hat, z_lik = self.gaussian_conditional(z.astype(jnp.float32), scales, train=train,
+                                                 mode=mode)
+        return z_hat, {"z": z_lik, "w": w_lik}
+
+
+class FoundationModel(nn.Module):
+    """The trainable part of the foundation codec: :class:`ParamEstimator` + :class:`LatentHyperprior`.
+
+    ``__call__(y, lam, train=...)`` runs ``gamma, t = P(y, lam)``, ``z = T(y, gamma)``,
+    quantises ``z`` through the entropy model and returns ``{"gamma", "t", "z_hat", "y_hat",
+    "likelihoods"}`` with ``y_hat = T^-1(z_hat, gamma)``. The frozen VAE and denoiser live
+    in :class:`diffjax.codecs.foundation.Backbone`.
+    """
+
+    latent_channels: int
+    estimator_features: Sequence[int] = (64, 128, 256)
+    hyper_channels: int = 64
+    lambda_scale: float = 0.05
+    init_t: float = 0.05
+    init_log_scale: float = 0.0
+    train_quantization: str = "noise"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.estimator = ParamEstimator(self.latent_channels, tuple(self.estimator_features),
+                                        self.lambda_scale, self.init_t, self.init_log_scale, **kw)
+        self.entropy = LatentHyperprior(self.latent_channels, self.hyper_channels, **kw)
+
+    def estimate(self, y: jax.Array, lam) -> tuple[jax.Array, jax.Array]:
+        return self.estimator(y, lam)
+
+    def __call__(self, y: jax.Array, lam, *, train: bool) -> dict:
+        gamma, t = self.estimator(y, lam)
+        z = affine_forward(y, gamma)
+        z_hat, likelihoods = self.entropy(z, train=train,
+                                          mode=self.train_quantization if train else "round")
+        return {"gamma": gamma, "t": t, "z_hat": z_hat, "y_hat": affine_inverse(z_hat, gamma),
+                "likelihoods": likelihoods}

@@ -1,0 +1,492 @@
+"""The foundation latent codec (Relic et al., "Lossy Image Compression with Foundation
+Diffusion Models", ECCV 2024): adaptive quantisation of a latent-diffusion latent, a
+predicted denoising start ``t`` and partial DDIM on a frozen backbone.
+
+Encode (Algorithm 1 of the paper): ``y = E_vae(x)``; ``gamma, t = P(y, lambda)``;
+``z = round(T(y, gamma))`` is coded with a scale hyperprior; ``gamma`` and ``t`` travel as
+side information (float16). Decode: ``y_hat = T^-1(z, gamma)``; the diffusion state is
+``y_t = alpha(t) * y_hat`` (variance-preserving: the quantisation error plays the part of
+``sigma(t) * eps``); ``k`` DDIM steps (Song et al. 2021, eq. 12, ``eta = 0``, no fresh
+noise) of the frozen UNet at the continuous times ``t, (k-1)t/k, ..., t/k`` bring it to
+``t = 0``; ``x = D_vae(y_0)``. ``k = max(1, ceil(t * num_inference_steps))``, i.e. the
+steps of a ``num_inference_steps``-step run that fall below ``t`` (2-7 % of the process in
+the paper); ``t`` and ``k`` can be overridden at decode time.
+
+Training (:func:`foundation_loss`, :class:`FoundationTask`): VAE and UNet frozen; one
+x0-prediction step at the continuous ``t`` (``alpha(t)`` from the PCHIP-continuous schedule
+of :mod:`diffjax.diffusion.schedules`, so the gradient reaches ``t``);
+``loss = bpp + lambda * MSE(x, x_hat)`` (``x`` in ``[0, 1]``) with ``lambda`` drawn from
+``{1, 5, 10, 20}`` per step. A one-step decode (``k = 1``) is exactly that training-time
+reconstruction with hard rounding.
+
+Backbones (:class:`Backbone`): an SD-compatible ``AutoencoderKL`` + ``UNet2DConditionModel``
+(``diffjax convert`` output, any SD config) or a TAESD-family autoencoder (e.g. TAEF2) with
+any ``UNet2DConditionModel`` trained on its latents. **Text conditioning**: the UNet's
+cross-attention context is ``params["context"]`` ``[1, S, D]`` -- the empty-prompt
+embedding, computed once by the user with the text encoder they have (SD 2.1: OpenCLIP
+ViT-H on ``""``, ``[1, 77, 1024]``) -- or zeros when absent.
+
+Bitstream (codec id 3, quality byte = lambda): ``meta`` (t and gamma as float16, CRC32 of
+both symbol arrays), the hyper-latent stream and the latent stream.
+"""
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from typing import Any, Mapping, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffjax.codecs.base import Codec, check_image, crop, fingerprint_pytree, pad_to_multiple, register
+from diffjax.diffusion.parameterization import canonical_prediction_type, to_x0
+from diffjax.diffusion.samplers import Plan, get_sampler
+from diffjax.diffusion.sampling import run_plan
+from diffjax.diffusion.schedules import continuous_schedule, load_scheduler_config
+from diffjax.entropy import bitstream, coder
+from diffjax.entropy.bitstream import CorruptError, WrongModelError
+from diffjax.entropy.models import (DEFAULT_SCALE_TABLE, bits, factorized_medians,
+                                    factorized_table, gaussian_table)
+from diffjax.errors import InputError
+from diffjax.models.param_estimator import FoundationModel, affine_inverse, affine_forward
+from diffjax.train.sharding import batch_axes, batch_sharding, replicated
+
+LAMBDAS = (1.0, 5.0, 10.0, 20.0)
+HYPER_STRIDE = 4  # h_a downsamples the latent by 4
+
+
+# ----------------------------------------------------------------------------- backbone
+
+
+class Backbone:
+    """The frozen parts: first-stage autoencoder, latent denoiser and noise schedule.
+
+    Args:
+      vae: ``"sd"`` (``AutoencoderKL``, ``vae_config`` = its diffusers config) or ``"taesd"``
+        (``vae_config = {"latent_channels", "arch_variant", "scaling_factor",
+        "shift_factor"}``; params ``{"encoder", "decoder"}`` from :func:`load_taesd`).
+      unet_config: diffusers ``UNet2DConditionModel`` config.
+      scheduler_config: diffusers scheduler config (``prediction_type`` read from it,
+        else from ``unet_config``).
+
+    Diffusion latents are ``(mode(E(x)) - shift) * scaling_factor``; images are ``[0, 1]``.
+    """
+
+    def __init__(self, vae: str, vae_config: Mapping, unet_config: Mapping,
+                 scheduler_config: Mapping, dtype: Any = jnp.float32):
+        from diffjax.models.taesd import TAESDDecoder, TAESDEncoder
+        from diffjax.models.unet import UNet2DConditionModel
+        from diffjax.models.vae import AutoencoderKL
+
+        vae_config = dict(vae_config)
+        self.kind = vae
+        if vae == "sd":
+            self.vae = AutoencoderKL.from_config(vae_config, dtype=dtype)
+            self.latent_channels = self.vae.latent_channels
+            self.vae_factor = self.vae.downsample_factor
+            self.scaling_factor = float(self.vae.scaling_factor)
+            self.shift_factor = float(self.vae.shift_factor or 0.0)
+        elif vae == "taesd":
+            kw = dict(latent_channels=int(vae_config["latent_channels"]),
+                      arch_variant=vae_config.get("arch_variant"), dtype=dtype)
+            self.taesd = (TAESDEncoder(**kw), TAESDDecoder(**kw))
+            self.latent_channels = kw["latent_channels"]
+            self.vae_factor = self.taesd[0].factor
+            self.scaling_factor = float(vae_config.get("scaling_factor", 1.0))
+            self.shift_factor = float(vae_config.get("shift_factor", 0.0))
+        else:
+            raise InputError(f"unknown first-stage autoencoder {vae!r}; expected 'sd' or 'taesd'")
+        self.unet = UNet2DConditionModel.from_config(dict(unet_config), dtype=dtype)
+        if (self.unet.in_channels, self.unet.out_channels) != (self.latent_channels,) * 2:
+            raise InputError(f"the UNet maps {self.unet.in_channels} -> {self.unet.out_channels} "
+                             f"channels, the autoencoder has {self.latent_channels}")
+        sched = load_scheduler_config(scheduler_config)
+        self.prediction_type = canonical_prediction_type(
+            sched.get("prediction_type", self.unet.prediction_type))
+        # x0 clipping to [-1, 1] is meaningless for latents (diffusers' SD configs disable it).
+        sched.update(prediction_type=self.prediction_type, clip_sample=False, thresholding=False)
+        self.scheduler_config = sched
+        self.schedule = continuous_schedule(sched)
+        self.ddim_config = get_sampler("ddim").resolve(sched)
+        self.t_min = 1.0 / self.schedule.num_train_timesteps  # first training timestep
+        self.cross_attention_dim = int(np.ravel([self.unet.cross_attention_dim])[0])
+        # The denoiser call, a plain attribute so that tests can instrument it.
+        self.unet_apply = lambda p, x, t, ctx: self.unet.apply({"params": p}, x, t, ctx)
+
+    @property
+    def stride(self) -> int:
+        """Image padding multiple: the hyper-analysis and the UNet's downsamplers."""
+        f = self.vae_factor
+        return math.lcm(f * HYPER_STRIDE, f * 2 ** self.unet.num_upsamplers)
+
+    def init(self, rng: jax.Array) -> dict:
+        """Random backbone parameters ``{"vae", "unet"}`` (tests, benchmarks)."""
+        import flax.linen as nn
+
+        k_vae, k_unet = jax.random.split(rng)
+        s = self.stride
+        if self.kind == "sd":
+            args, kw = self.vae.dummy_inputs()
+            vae = self.vae.init(k_vae, *args, **kw)["params"]
+        else:
+            k1, k2 = jax.random.split(k_vae)
+            vae = {"encoder": self.taesd[0].init(k1, jnp.zeros((1, s, s, 3)))["params"],
+                   "decoder": self.taesd[1].init(
+                       k2, jnp.zeros((1, 1, 1, self.latent_channels)))["params"]}
+        args, kw = self.unet.dummy_inputs()
+        unet = self.unet.init(k_unet, *args, **kw)["params"]
+        return nn.unbox({"vae": vae, "unet": unet})
+
+    def encode(self, vae_params, x01: jax.Array) -> jax.Array:
+        """Image ``[B, H, W, 3]`` in ``[0, 1]`` -> diffusion latent ``[B, H/f, W/f, C]``."""
+        if self.kind == "sd":
+            post = self.vae.apply({"params": vae_params}, 2.0 * x01 - 1.0, method="encode")
+            raw = post.mean
+        else:
+            raw = self.taesd[0].apply({"params": vae_params["encoder"]}, x01)
+        return ((raw.astype(jnp.float32) - self.shift_factor) * self.scaling_factor)
+
+    def decode(self, vae_params, y: jax.Array) -> jax.Array:
+        """Diffusion latent -> image in ``[0, 1]`` (float32, not clipped)."""
+        raw = y / self.scaling_factor + self.shift_factor
+        if self.kind == "sd":
+            x = self.vae.apply({"params": vae_params}, raw, method="decode")
+            return (x.astype(jnp.float32) + 1.0) / 2.0
+        return self.taesd[1].apply({"params": vae_params["decoder"]}, raw).astype(jnp.float32)
+
+    def context(self, params: Mapping, batch: int) -> jax.Array:
+        """The cross-attention context ``[B, S, D]`` (``params["context"]`` or zeros)."""
+        ctx = params.get("context") if isinstance(params, Mapping) else None
+        if ctx is None:
+            ctx = jnp.zeros((1, 1, self.cross_attention_dim), jnp.float32)
+        ctx = jnp.asarray(ctx)
+        chex.assert_rank(ctx, 3)
+        return jnp.broadcast_to(ctx, (batch,) + ctx.shape[1:])
+
+    def clip_t(self, t) -> jax.Array:
+        return jnp.clip(jnp.asarray(t, jnp.float32), self.t_min, 1.0)
+
+    def x0_step(self, unet_params, y_hat, t, context) -> jax.Array:
+        """One x0-prediction at the continuous ``t`` ``[B]`` from ``y_t = alpha(t) y_hat``."""
+        t = self.clip_t(t)
+        a, s = self.schedule.alpha_sigma(t)
+        a, s = a[:, None, None, None], s[:, None, None, None]
+        y_t = a * y_hat
+        out = self.unet_apply(unet_params, y_t, self.schedule.model_time(t), context)
+        return to_x0(out.astype(jnp.float32), y_t, a, s, self.prediction_type)
+
+    def ddim_plan(self, t, num_steps: int) -> Plan:
+        """A DDIM plan of ``num_steps`` steps at times ``t (k - j) / k`` down to 0, per example.
+
+        Built from the continuous schedule (traced ``t [B]``: no recompilation per ``t``);
+        tables are ``[k, B, 1, 1, 1]`` so the diffusion core's DDIM step broadcasts them.
+        """
+        k = int(num_steps)
+        t = self.clip_t(t)
+        frac = jnp.arange(k, 0, -1, dtype=jnp.float32) / k                       # [k]
+        t_now = frac[:, None] * t[None, :]                                       # [k, B]
+        t_prev = (frac - 1.0 / k)[:, None] * t[None, :]
+        a_now = self.schedule.alpha_bar(t_now)
+        a_prev = jnp.where(t_prev > 0, self.schedule.alpha_bar(t_prev), 1.0)
+        var = (1 - a_prev) / (1 - a_now) * (1 - a_now / a_prev)
+        col = lambda v: v[..., None, None, None]  # noqa: E731
+        return Plan(sampler="ddim", config=self.ddim_config,
+                    timesteps=col(self.schedule.model_time(t_now)), alpha=col(jnp.sqrt(a_now)),
+                    sigma=col(jnp.sqrt(1 - a_now)), scale=jnp.ones((k + 1,), jnp.float32),
+                    tables=dict(a_prev=col(a_prev), sqrt_a_prev=col(jnp.sqrt(a_prev)),
+                                var=col(var)))
+
+    def denoise(self, unet_params, y_hat, t, num_steps: int, context) -> jax.Array:
+        """Partial DDIM from ``y_t = alpha(t) y_hat`` to ``y_0`` in ``num_steps`` UNet calls."""
+        t = self.clip_t(t)
+        plan = self.ddim_plan(t, num_steps)
+        y_t = self.schedule.alpha(t)[:, None, None, None] * y_hat
+
+        def denoise_fn(x, step_t, ctx):
+            return self.unet_apply(unet_params, x, step_t.reshape(-1), ctx)
+
+        return run_plan(plan, denoise_fn, y_t, cond=context)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def foundation_loss(backbone: Backbone, model: FoundationModel, params: Mapping, x: jax.Array,
+                    lam, rng: jax.Array, *, aux_weight: float = 1.0):
+    """``bpp + lambda * MSE(x, x_hat)`` with one x0-prediction step (see the module doc).
+
+    ``x [B, H, W, 3]`` in ``[0, 1]`` (H, W multiples of ``backbone.stride``); ``params`` =
+    ``{"vae", "unet", "model", "context"?}``. Returns ``(loss, metrics)``; the entropy
+    bottleneck's aux loss (quantile fit) is added with ``aux_weight``.
+    """
+    b, h, w, _ = x.shape
+    y = jax.lax.stop_gradient(backbone.encode(params["vae"], x))
+    out = model.apply({"params": params["model"]}, y, lam, train=True, rngs={"noise": rng})
+    y0 = backbone.x0_step(params["unet"], out["y_hat"], out["t"], backbone.context(params, b))
+    x_hat = backbone.decode(params["vae"], y0)
+    bpp = bits(out["likelihoods"]) / (b * h * w)
+    mse = jnp.mean(jnp.square(x_hat - x.astype(jnp.float32)))
+    aux = model.apply({"params": params["model"]}, method=lambda m: m.entropy.aux_loss())
+    loss = bpp + jnp.mean(jnp.asarray(lam, jnp.float32)) * mse
+    metrics = {"bpp": bpp, "mse": mse, "rd_loss": loss, "aux_loss": aux,
+               "psnr": -10.0 * jnp.log10(jnp.maximum(mse, 1e-10)), "t": jnp.mean(out["t"]),
+               "lambda": jnp.mean(jnp.asarray(lam, jnp.float32))}
+    return loss + aux_weight * aux, metrics
+
+
+# ----------------------------------------------------------------------------- codec
+
+_CRCS = struct.Struct("<II")
+
+
+def _crc(symbols: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(symbols, "<i4").tobytes())
+
+
+@register("foundation")
+class FoundationCodec(Codec):
+    """Codec around a :class:`Backbone` + :class:`~diffjax.models.param_estimator.FoundationModel`.
+
+    ``params = {"vae", "unet", "model", "context"?}`` (see the module docstring);
+    ``quality`` is ``lambda`` (1..255; trained on 1, 5, 10, 20). Network stages are jitted
+    once per shape (and per step count) and cached on the codec; entropy coding is host-side.
+
+        codec = diffjax.codecs.get("foundation", quality=10, **config)   # see experiments/configs
+        data = codec.encode(params, image)
+        image2 = codec.decode(params, data)                 # predicted t and step count
+        image3 = codec.decode(params, data, t=0.1, num_steps=5)   # decode-time overrides
+    """
+
+    name = "foundation"
+    codec_id = 3
+
+    def __init__(self, quality: int = 10, *, vae: str = "sd", vae_config: Mapping | None = None,
+                 unet_config: Mapping | None = None, scheduler_config: Mapping | None = None,
+                 estimator_features: Sequence[int] = (64, 128, 256), hyper_channels: int = 64,
+                 num_inference_steps: int = 50, init_t: float = 0.05, dtype: Any = jnp.float32):
+        if not (isinstance(quality, (int, np.integer)) and 1 <= quality <= 255):
+            raise InputError(f"quality (= lambda) must be an integer in 1..255, got {quality!r}")
+        if vae_config is None or unet_config is None or scheduler_config is None:
+            raise InputError("the foundation codec needs vae_config, unet_config and "
+                             "scheduler_config (see experiments/configs/foundation_sd21.py)")
+        self.quality = int(quality)
+        self.num_inference_steps = int(num_inference_steps)
+        self.backbone = Backbone(vae, vae_config, unet_config, scheduler_config, dtype=dtype)
+        self.model = FoundationModel(self.backbone.latent_channels, tuple(estimator_features),
+                                     int(hyper_channels), init_t=float(init_t), dtype=dtype)
+        self.z_table = gaussian_table(DEFAULT_SCALE_TABLE)  # LatentHyperprior's table
+        self._config = repr(("foundation", vae, sorted(dict(vae_config).items()),
+                             sorted(dict(unet_config).items(), key=str),
+                             sorted(self.backbone.scheduler_config.items(), key=str),
+                             tuple(estimator_features), hyper_channels)).encode()
+        self._cache: tuple = ((), None)
+        self._jitted: dict = {}
+
+    # ----------------------------------------------------------------- parameters
+    def init(self, rng: jax.Array, *, backbone: bool = True) -> dict:
+        """Random parameters: ``{"vae", "unet", "model"}`` (``backbone=False``: ``model`` only)."""
+        import flax.linen as nn
+
+        k_b, k_m = jax.random.split(rng)
+        s = self.backbone.stride
+        y = jnp.zeros((1, s // self.backbone.vae_factor, s // self.backbone.vae_factor,
+                       self.backbone.latent_channels))
+        model = nn.unbox(self.model.init({"params": k_m, "noise": k_m}, y, 1.0, train=False))
+        out = self.backbone.init(k_b) if backbone else {}
+        out["model"] = model["params"]
+        return out
+
+    def _prepared(self, params: Mapping):
+        leaves = jax.tree_util.tree_leaves(params)
+        cached_leaves, prepared = self._cache
+        if (prepared is not None and len(leaves) == len(cached_leaves)
+                and all(a is b for a, b in zip(leaves, cached_leaves))):
+            return prepared
+        try:
+            eb = params["model"]["entropy"]["entropy_bottleneck"]
+            missing = [k for k in ("vae", "unet") if k not in params]
+        except (KeyError, TypeError) as err:
+            raise InputError("params are not foundation codec parameters "
+                             "({'vae', 'unet', 'model', 'context'?})") from err
+        if missing:
+            raise InputError(f"foundation codec params lack {missing}")
+        w_table = factorized_table(eb)
+        prepared = (fingerprint_pytree(params, self._config, w_table.digest(),
+                                       self.z_table.digest()),
+                    w_table, factorized_medians(eb))
+        if all(isinstance(a, jax.Array) for a in leaves):
+            self._cache = (tuple(leaves), prepared)
+        return prepared
+
+    def fingerprint(self, params: Any) -> bytes:
+        return self._prepared(params)[0]
+
+    # ----------------------------------------------------------------- jitted stages
+    def _fn(self, name: str, num_steps: int = 0, mesh=None):
+        key = (name, num_steps, id(mesh))
+        if key in self._jitted:
+            return self._jitted[key][0]
+        bb, m = self.backbone, self.model
+
+        def analyze(params, x, lam, medians):
+            y = bb.encode(params["vae"], x)
+            gamma, t = m.apply({"params": params["model"]}, y, lam, method="estimate")
+            # side information is sent as float16: both ends use the rounded values
+            gamma = gamma.astype(jnp.float16).astype(jnp.float32)
+            t = bb.clip_t(t.astype(jnp.float16).astype(jnp.float32))
+            z = affine_forward(y, gamma)
+
+            def f(mod):
+                w = mod.entropy.hyper_analysis(z)
+                w_sym = jnp.round(w - medians).astype(jnp.int32)
+                idx = mod.entropy.table_indexes(
+                    mod.entropy.hyper_synthesis(w_sym.astype(jnp.float32) + medians))
+                return w_sym, idx
+            w_sym, idx = m.apply({"params": params["model"]}, method=f)
+            return jnp.round(z).astype(jnp.int32), w_sym, idx, gamma, t
+
+        def hyper(params, w_sym, medians):
+            def f(mod):
+                scales = mod.entropy.hyper_synthesis(w_sym.astype(jnp.float32) + medians)
+                return mod.entropy.table_indexes(scales)
+            return m.apply({"params": params["model"]}, method=f)
+
+        def synthesize(params, z_sym, gamma, t):
+            y_hat = affine_inverse(z_sym, gamma)
+            y0 = bb.denoise(params["unet"], y_hat, t, num_steps, bb.context(params, z_sym.shape[0]))
+            x = bb.decode(params["vae"], y0)
+            return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+        fn = {"analyze": analyze, "hyper": hyper, "synthesize": synthesize}[name]
+        if mesh is None:
+            jitted = jax.jit(fn)
+        else:
+            rep, bat = replicated(mesh), batch_sharding(mesh)
+            jitted = jax.jit(fn, in_shardings=(rep, bat, bat, bat), out_shardings=bat)
+        self._jitted[key] = (jitted, mesh)  # keep the mesh alive while its id is a key
+        return jitted
+
+    # ----------------------------------------------------------------- steps
+    def predicted_steps(self, t: float) -> int:
+        """UNet calls a decode makes for side-information ``t``: ``max(1, ceil(t n))``."""
+        return max(1, int(math.ceil(float(np.float64(t)) * self.num_inference_steps - 1e-9)))
+
+    def _geometry(self, height: int, width: int):
+        s, f = self.backbone.stride, self.backbone.vae_factor
+        hp, wp = -(-height // s) * s, -(-width // s) * s
+        c = self.backbone.latent_channels
+        return (hp // f, wp // f, c), (hp // f // HYPER_STRIDE, wp // f // HYPER_STRIDE,
+                                       self.model.hyper_channels)
+
+    def _meta_struct(self) -> struct.Struct:
+        return struct.Struct(f"<{1 + 2 * self.backbone.latent_channels}e")
+
+    # ----------------------------------------------------------------- protocol
+    def encode(self, params: Any, image: np.ndarray) -> bytes:
+        return self.encode_batch(params, [image])[0]
+
+    def decode(self, params: Any, data: bytes, *, t: float | None = None,
+               num_steps: int | None = None) -> np.ndarray:
+        return self.decode_batch(params, [data], t=t, num_steps=num_steps)[0]
+
+    def latents(self, params: Any, images: np.ndarray) -> dict:
+        """Symbols and side information of a same-size uint8 batch ``[B, H, W, 3]`` (host)."""
+        _, w_table, medians = self._prepared(params)
+        x = pad_to_multiple(np.asarray(images), self.backbone.stride).astype(np.float32) / 255.0
+        z, w, idx, gamma, t = self._fn("analyze")(params, x, jnp.float32(self.quality), medians)
+        z = np.asarray(z)
+        if np.abs(z).max(initial=0) > coder.MAX_ABS_SYMBOL:
+            raise InputError("latents too large to code (broken parameters?)")
+        return {"z_symbols": z, "w_symbols": np.asarray(w), "indexes": np.asarray(idx),
+                "gamma": np.asarray(gamma, np.float16), "t": np.asarray(t, np.float16)}
+
+    def encode_batch(self, params: Any, images: Sequence[np.ndarray]) -> list:
+        fingerprint, w_table, _ = self._prepared(params)
+        images = [check_image(im) for im in images]
+        meta = self._meta_struct()
+        out: list = [None] * len(images)
+        groups: dict = {}
+        for i, im in enumerate(images):
+            groups.setdefault(self._geometry(*im.shape[:2]), []).append(i)
+        for members in groups.values():
+            lat = self.latents(params, np.stack(
+                [pad_to_multiple(images[i], self.backbone.stride) for i in members]))
+            for j, i in enumerate(members):
+                z, w = lat["z_symbols"][j], lat["w_symbols"][j]
+                side = np.concatenate([lat["t"][j:j + 1], lat["gamma"][j].reshape(-1)])
+                sections = [meta.pack(*side.astype(np.float16).tolist()) + _CRCS.pack(_crc(w), _crc(z)),
+                            coder.encode(w, _channel_indexes(w.shape), w_table),
+                            coder.encode(z, lat["indexes"][j], self.z_table)]
+                h, wd = images[i].shape[:2]
+                out[i] = bitstream.pack(self.codec_id, fingerprint, sections, height=h,
+                                        width=wd, quality=self.quality)
+        return out
+
+    def decode_batch(self, params: Any, datas: Sequence[bytes], *, t: float | None = None,
+                     num_steps: int | None = None, mesh=None) -> list:
+        """Decode bitstreams (optionally overriding ``t`` / the step count).
+
+        Images of the same size and step count share one network call; with ``mesh`` the
+        network part is sharded over the mesh's batch axes (group sizes must divide).
+        """
+        if t is not None and not 0.0 < float(t) <= 1.0:
+            raise InputError(f"t must be in (0, 1], got {t}")
+        if num_steps is not None and not (isinstance(num_steps, (int, np.integer))
+                                          and 1 <= num_steps <= 1000):
+            raise InputError(f"num_steps must be an integer in 1..1000, got {num_steps!r}")
+        fingerprint, w_table, medians = self._prepared(params)
+        meta = self._meta_struct()
+        items = []
+        for data in datas:
+            header, sections = bitstream.unpack(data, codec_id=self.codec_id,
+                                                fingerprint=fingerprint)
+            if (header.frames, header.channels, len(sections)) != (1, 3, 3) or \
+                    len(sections[0]) != meta.size + _CRCS.size:
+                raise CorruptError("foundation bitstream has the wrong section layout")
+            side = np.asarray(meta.unpack_from(sections[0]), np.float16).astype(np.float32)
+            w_crc, z_crc = _CRCS.unpack_from(sections[0], meta.size)
+            t_i, gamma = side[0], side[1:].reshape(2, -1)
+            if not (np.all(np.isfinite(side)) and 0.0 < t_i <= 1.0):
+                raise CorruptError("foundation bitstream carries invalid side information")
+            z_shape, w_shape = self._geometry(header.height, header.width)
+            w = coder.decode(sections[1], _channel_indexes(w_shape), w_table)
+            if _crc(w) != w_crc:
+                raise CorruptError("hyper-latent symbols fail their checksum")
+            t_i = np.float32(t) if t is not None else t_i
+            k = int(num_steps) if num_steps is not None else self.predicted_steps(t_i)
+            items.append(dict(header=header, z_data=sections[2], w=w, z_crc=z_crc, gamma=gamma,
+                              t=t_i, k=k))
+        out: list = [None] * len(items)
+        groups: dict = {}
+        for i, it in enumerate(items):
+            groups.setdefault((it["w"].shape, it["k"]), []).append(i)
+        for (_, k), members in groups.items():
+            idx = np.asarray(self._fn("hyper")(params, np.stack([items[i]["w"] for i in members]),
+                                               medians))
+            z = np.stack([coder.decode(items[i]["z_data"], idx[j], self.z_table)
+                          for j, i in enumerate(members)])
+            for j, i in enumerate(members):
+                if _crc(z[j]) != items[i]["z_crc"]:
+                    raise WrongModelError(
+                        "decoded latents fail their checksum: this decoder's hyper-synthesis "
+                        "disagrees with the encoder's (different weights or platform)")
+            gamma = np.stack([items[i]["gamma"] for i in members])
+            ts = np.asarray([items[i]["t"] for i in members], np.float32)
+            if mesh is not None:
+                n = int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+                if len(members) % n:
+                    raise InputError(f"{len(members)} images of one size/step count do not "
+                                     f"split over the mesh's {n} batch devices")
+            x = np.asarray(self._fn("synthesize", k, mesh)(params, z, gamma, ts))
+            for j, i in enumerate(members):
+                h = items[i]["header"]
+                out[i] = crop(x[j], h.height, h.width)
+        return out
+
+
+def _channel_indexes(shape) -> np.ndarray:
+    """Factorized-table row of every hyper-latent symbol: its channel."""
+    return np.broadcast_to(np.arange(shape[-1], dtype=np.int32), shape)
