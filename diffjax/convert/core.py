@@ -11,6 +11,7 @@ default device, or with the shardings you pass), checking them against the modul
 """
 from __future__ import annotations
 
+import functools
 import pathlib
 from typing import Any, Callable, Mapping
 
@@ -52,7 +53,16 @@ def build_model(config: Mapping[str, Any], class_name: str | None = None, **over
 
 
 def param_template(module) -> dict:
-    """Flat ``{path: ShapeDtypeStruct}`` of a diffjax model's parameters (no memory)."""
+    """Flat ``{path: ShapeDtypeStruct}`` of a diffjax model's parameters (no memory).
+
+    Tracing ``init`` costs seconds for a big UNet, so results are cached per module
+    config (modules are hashable); a copy is returned.
+    """
+    return dict(_cached_template(module))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_template(module) -> dict:
     args, kwargs = module.dummy_inputs()
     return mapping.param_template(module, *args, **kwargs)
 

@@ -96,6 +96,9 @@ def _jobs_for_file(src: pathlib.Path, dst: pathlib.Path, config, component):
         configs = {c: preset[c] for c in comps}
         prediction = preset["prediction_type"]
     else:
+        if not pathlib.Path(config).is_file():
+            raise InputError(f"--config {config!r} is neither a preset "
+                             f"({', '.join(presets.PRESETS)}) nor a config.json file")
         cfg = read_json(pathlib.Path(config))
         comp = "unet" if core.model_class_name(cfg) == "UNet2DConditionModel" else "vae"
         if component and component != comp:
