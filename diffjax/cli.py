@@ -20,6 +20,9 @@ import sys
 COMMANDS = {
     "convert": "diffjax.convert.command",
     "info": "diffjax.entropy.info",
+    "compress": "diffjax.codecs.command_compress",
+    "decompress": "diffjax.codecs.command_decompress",
+    "demo": "diffjax.codecs.command_demo",
 }
 
 
