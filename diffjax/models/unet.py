@@ -164,6 +164,14 @@ class UNet2DConditionModel(nn.Module):
     def num_upsamplers(self) -> int:
         return len(self.block_out_channels) - 1
 
+    @property
+    def num_skips(self) -> int:
+        """Number of skip tensors (= ControlNet down residuals): conv_in + every down layer
+        + every downsampler."""
+        layers = _config.per_block(self.layers_per_block, len(self.down_block_types),
+                                   "layers_per_block")
+        return 1 + sum(layers) + self.num_upsamplers
+
     def dummy_inputs(self) -> tuple[tuple, dict]:
         """The smallest valid ``(args, kwargs)`` for ``init`` / ``jax.eval_shape``."""
         s = 2 ** self.num_upsamplers
@@ -338,6 +346,10 @@ class UNet2DConditionModel(nn.Module):
           ``[B, H, W, out_channels]`` in ``dtype``.
         """
         chex.assert_rank(sample, 4)
+        if down_block_additional_residuals is not None and \
+                len(down_block_additional_residuals) != self.num_skips:
+            raise InputError(f"got {len(down_block_additional_residuals)} down-block residuals, "
+                             f"the UNet has {self.num_skips} skip connections")
         if sample.shape[-1] != self.in_channels:
             raise InputError(f"sample has {sample.shape[-1]} channels, the UNet expects "
                              f"{self.in_channels} (NHWC layout)")
@@ -365,9 +377,6 @@ class UNet2DConditionModel(nn.Module):
         h = self.conv_in(h)
         h, skips = self.forward_down(h, emb, context, context_bias, deterministic)
         if down_block_additional_residuals is not None:
-            if len(down_block_additional_residuals) != len(skips):
-                raise InputError(f"got {len(down_block_additional_residuals)} down-block residuals, "
-                                 f"the UNet has {len(skips)} skip connections")
             skips = tuple(s + r.astype(s.dtype)
                           for s, r in zip(skips, down_block_additional_residuals))
         h = self.forward_mid(h, emb, context, context_bias, deterministic)

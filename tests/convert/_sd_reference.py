@@ -65,8 +65,22 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.2 * noise)
 
 
-def unet_inputs(config: dict, batch: int = 2, size: int = 16, seed: int = 0) -> dict:
-    """Random NHWC inputs for a UNet config (numpy)."""
+def skip_shapes(config: dict, batch: int, size: int) -> list[tuple[int, ...]]:
+    """NHWC shapes of the UNet's skip tensors (= ControlNet down residuals)."""
+    chans = config["block_out_channels"]
+    shapes = [(batch, size, size, chans[0])]
+    for i, c in enumerate(chans):
+        shapes += [(batch, size, size, c)] * config["layers_per_block"]
+        if i < len(chans) - 1:
+            size = (size + 1) // 2
+            shapes.append((batch, size, size, c))
+    return shapes
+
+
+def unet_inputs(config: dict, batch: int = 2, size: int = 16, seed: int = 0,
+                extras: bool = False) -> dict:
+    """Random NHWC inputs for a UNet config (numpy). ``extras`` adds an encoder attention
+    mask and ControlNet-style down/mid residuals."""
     rng = np.random.default_rng(seed)
     cross = config["cross_attention_dim"]
     out = {
@@ -74,6 +88,15 @@ def unet_inputs(config: dict, batch: int = 2, size: int = 16, seed: int = 0) -> 
         "timesteps": np.array([999.0, 17.0][:batch], np.float32),
         "context": rng.standard_normal((batch, 7, cross), np.float32),
     }
+    if extras:
+        mask = np.ones((batch, 7), np.float32)
+        mask[0, 4:] = 0
+        mask[-1, :2] = 0
+        shapes = skip_shapes(config, batch, size)
+        out["encoder_attention_mask"] = mask
+        out["down_block_additional_residuals"] = [
+            rng.standard_normal(s).astype(np.float32) for s in shapes]
+        out["mid_block_additional_residual"] = rng.standard_normal(shapes[-1]).astype(np.float32)
     if config.get("addition_embed_type") == "text_time":
         text = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
         out["added_cond_kwargs"] = {
@@ -89,6 +112,11 @@ def run_unet(model, inputs: dict, **extra) -> np.ndarray:
     if "added_cond_kwargs" in inputs:
         kwargs["added_cond_kwargs"] = {k: torch.from_numpy(v)
                                        for k, v in inputs["added_cond_kwargs"].items()}
+    if "encoder_attention_mask" in inputs:
+        kwargs["encoder_attention_mask"] = torch.from_numpy(inputs["encoder_attention_mask"])
+        kwargs["down_block_additional_residuals"] = tuple(
+            nchw(r) for r in inputs["down_block_additional_residuals"])
+        kwargs["mid_block_additional_residual"] = nchw(inputs["mid_block_additional_residual"])
     out = model(nchw(inputs["sample"]), torch.from_numpy(inputs["timesteps"]),
                 torch.from_numpy(inputs["context"]), **kwargs, **extra).sample
     return nhwc(out)

@@ -25,23 +25,31 @@ from diffjax.convert import convert, load_pretrained
 TOL = 1e-4
 
 
+# Per family: latent size and whether the call also carries an encoder attention mask and
+# ControlNet-style residuals (SD 2.1-like: 15x15 also exercises upsampling to the skip size).
+CASES = {"sd15": dict(size=16), "sd21": dict(size=15, extras=True), "sdxl": dict(size=16)}
+_EXTRA_KEYS = ("added_cond_kwargs", "encoder_attention_mask", "down_block_additional_residuals",
+               "mid_block_additional_residual")
+
+
 @functools.lru_cache(maxsize=None)
 def unet_fn(module):
     """One jitted forward per (hashable) module config, shared across tests."""
-    return jax.jit(lambda p, x, t, c, added: module.apply(
-        {"params": p}, x, t, c, added_cond_kwargs=added))
+    return jax.jit(lambda p, x, t, c, kw: module.apply({"params": p}, x, t, c, **kw))
 
 
 @functools.lru_cache(maxsize=None)
-def vae_fns(module):
-    enc = jax.jit(lambda p, x: module.apply({"params": p}, x, method="encode"))
-    dec = jax.jit(lambda p, z: module.apply({"params": p}, z, method="decode"))
-    return enc, dec
+def vae_fn(module):
+    """encode -> (mean, logvar, decode(mean)) in one jitted program."""
+    def roundtrip(p, x):
+        post = module.apply({"params": p}, x, method="encode")
+        return post.mean, post.logvar, module.apply({"params": p}, post.mean, method="decode")
+    return jax.jit(roundtrip)
 
 
 def run_flax_unet(module, params, inputs):
-    out = unet_fn(module)(params, inputs["sample"], inputs["timesteps"], inputs["context"],
-                          inputs.get("added_cond_kwargs"))
+    kw = {k: inputs[k] for k in _EXTRA_KEYS if k in inputs}
+    out = unet_fn(module)(params, inputs["sample"], inputs["timesteps"], inputs["context"], kw)
     return np.asarray(out)
 
 
@@ -49,7 +57,7 @@ def _quiet(_msg):
     pass
 
 
-@pytest.fixture(scope="module", params=sorted(ref.UNET_CONFIGS))
+@pytest.fixture(scope="module", params=sorted(CASES))
 def unet_case(request, tmp_path_factory):
     kind = request.param
     config = ref.UNET_CONFIGS[kind]
@@ -58,7 +66,7 @@ def unet_case(request, tmp_path_factory):
     model.save_pretrained(root / "diffusers")
     convert(root / "diffusers", root / "flax", progress=False, log=_quiet)
     module, params = load_pretrained(root / "flax")
-    inputs = ref.unet_inputs(config)
+    inputs = ref.unet_inputs(config, **CASES[kind])
     return types.SimpleNamespace(kind=kind, config=config, torch=model, root=root, module=module,
                                  params=params, inputs=inputs, ref=ref.run_unet(model, inputs),
                                  out=run_flax_unet(module, params, inputs))
@@ -68,6 +76,9 @@ def test_unet_matches_diffusers(unet_case):
     c = unet_case
     assert 0.5 < c.ref.std() < 2.0, "reference output must be of unit scale"
     assert c.out.shape == c.ref.shape == c.inputs["sample"].shape
+    if "mid_block_additional_residual" in c.inputs:  # the residuals really change the output
+        plain = ref.run_unet(c.torch, {k: c.inputs[k] for k in ("sample", "timesteps", "context")})
+        assert np.abs(plain - c.ref).max() > 0.1
     err = np.abs(c.out - c.ref).max()
     print(f"{c.kind}: max|diff| = {err:.2e} (ref std {c.ref.std():.2f})")
     assert err <= TOL
@@ -102,10 +113,8 @@ def vae_case(tmp_path_factory):
 
 def test_vae_matches_diffusers(vae_case):
     c = vae_case
-    enc, dec = vae_fns(c.module)
-    post = enc(c.params, c.x)
-    image = np.asarray(dec(c.params, post.mean))
-    for name, got, want in (("mean", post.mean, c.mean), ("logvar", post.logvar, c.logvar),
+    mean, logvar, image = vae_fn(c.module)(c.params, c.x)
+    for name, got, want in (("mean", mean, c.mean), ("logvar", logvar, c.logvar),
                             ("decode", image, c.decoded)):
         got = np.asarray(got)
         assert got.shape == want.shape, name
