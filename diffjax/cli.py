@@ -23,6 +23,7 @@ COMMANDS = {
     "compress": "diffjax.codecs.command_compress",
     "decompress": "diffjax.codecs.command_decompress",
     "demo": "diffjax.codecs.command_demo",
+    "eval": "diffjax.eval.command",
 }
 
 
