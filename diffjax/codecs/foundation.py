@@ -26,14 +26,15 @@ cross-attention context is ``params["context"]`` ``[1, S, D]`` -- the empty-prom
 embedding, computed once by the user with the text encoder they have (SD 2.1: OpenCLIP
 ViT-H on ``""``, ``[1, 77, 1024]``) -- or zeros when absent.
 
-Bitstream (codec id 3, quality byte = lambda): ``meta`` (t and gamma as float16, CRC32 of
-both symbol arrays), the hyper-latent stream and the latent stream.
+Bitstream (codec id 3, quality byte = lambda): ``meta`` (``t`` and ``gamma`` as float16,
+``2 + 4 C`` bytes), the hyper-latent stream and the latent stream (each stream carries the
+CRC32 of its symbols, :mod:`diffjax.entropy.coder`).
 """
 from __future__ import annotations
 
+import json
 import math
 import struct
-import zlib
 from typing import Any, Mapping, Sequence
 
 import chex
@@ -53,6 +54,7 @@ from diffjax.entropy.models import (DEFAULT_SCALE_TABLE, bits, factorized_median
 from diffjax.errors import InputError
 from diffjax.models.param_estimator import FoundationModel, affine_inverse, affine_forward
 from diffjax.train.sharding import batch_axes, batch_sharding, replicated
+from diffjax.train.task import Task
 
 LAMBDAS = (1.0, 5.0, 10.0, 20.0)
 HYPER_STRIDE = 4  # h_a downsamples the latent by 4
@@ -122,23 +124,43 @@ class Backbone:
         f = self.vae_factor
         return math.lcm(f * HYPER_STRIDE, f * 2 ** self.unet.num_upsamplers)
 
-    def init(self, rng: jax.Array) -> dict:
-        """Random backbone parameters ``{"vae", "unet"}`` (tests, benchmarks)."""
+    def param_shapes(self) -> dict:
+        """``{"vae", "unet"}`` parameter shapes (``jax.ShapeDtypeStruct`` tree, no compute)."""
         import flax.linen as nn
 
-        k_vae, k_unet = jax.random.split(rng)
-        s = self.stride
+        key = jax.random.key(0)
         if self.kind == "sd":
             args, kw = self.vae.dummy_inputs()
-            vae = self.vae.init(k_vae, *args, **kw)["params"]
+            vae = jax.eval_shape(lambda: self.vae.init(key, *args, **kw)["params"])
         else:
-            k1, k2 = jax.random.split(k_vae)
-            vae = {"encoder": self.taesd[0].init(k1, jnp.zeros((1, s, s, 3)))["params"],
-                   "decoder": self.taesd[1].init(
-                       k2, jnp.zeros((1, 1, 1, self.latent_channels)))["params"]}
+            s = self.stride
+            vae = jax.eval_shape(lambda: {
+                "encoder": self.taesd[0].init(key, jnp.zeros((1, s, s, 3)))["params"],
+                "decoder": self.taesd[1].init(
+                    key, jnp.zeros((1, 1, 1, self.latent_channels)))["params"]})
         args, kw = self.unet.dummy_inputs()
-        unet = self.unet.init(k_unet, *args, **kw)["params"]
+        unet = jax.eval_shape(lambda: self.unet.init(key, *args, **kw)["params"])
         return nn.unbox({"vae": vae, "unet": unet})
+
+    def random_params(self, seed: int = 0) -> dict:
+        """Random ``{"vae", "unet"}`` weights drawn on the host (tests, benchmarks).
+
+        Kernels ``N(0, 1 / fan_in)``, norm scales ``1 + N(0, 0.02)``, everything else
+        ``N(0, 0.02)``. Much cheaper than tracing the Flax initialisers of a full SD
+        backbone (a jitted SD 2.1 ``init`` compiles for minutes on CPU).
+        """
+        rng = np.random.default_rng(seed)
+
+        def draw(path, spec):
+            name = str(getattr(path[-1], "key", path[-1]))
+            shape = tuple(spec.shape)
+            if name == "kernel":
+                std = 1.0 / math.sqrt(max(1, int(np.prod(shape[:-1]))))
+                return (rng.standard_normal(shape, np.float32) * std).astype(spec.dtype)
+            base = 1.0 if name == "scale" else 0.0
+            return (base + 0.02 * rng.standard_normal(shape, np.float32)).astype(spec.dtype)
+
+        return jax.tree_util.tree_map_with_path(draw, self.param_shapes())
 
     def encode(self, vae_params, x01: jax.Array) -> jax.Array:
         """Image ``[B, H, W, 3]`` in ``[0, 1]`` -> diffusion latent ``[B, H/f, W/f, C]``."""
@@ -239,13 +261,6 @@ def foundation_loss(backbone: Backbone, model: FoundationModel, params: Mapping,
 
 # ----------------------------------------------------------------------------- codec
 
-_CRCS = struct.Struct("<II")
-
-
-def _crc(symbols: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(symbols, "<i4").tobytes())
-
-
 @register("foundation")
 class FoundationCodec(Codec):
     """Codec around a :class:`Backbone` + :class:`~diffjax.models.param_estimator.FoundationModel`.
@@ -278,24 +293,33 @@ class FoundationCodec(Codec):
         self.model = FoundationModel(self.backbone.latent_channels, tuple(estimator_features),
                                      int(hyper_channels), init_t=float(init_t), dtype=dtype)
         self.z_table = gaussian_table(DEFAULT_SCALE_TABLE)  # LatentHyperprior's table
-        self._config = repr(("foundation", vae, sorted(dict(vae_config).items()),
-                             sorted(dict(unet_config).items(), key=str),
-                             sorted(self.backbone.scheduler_config.items(), key=str),
-                             tuple(estimator_features), hyper_channels)).encode()
+        # JSON (tuples == lists, sorted keys): the same config hashes the same everywhere
+        self._config = json.dumps(
+            ["foundation", vae, dict(vae_config), dict(unet_config),
+             self.backbone.scheduler_config, list(estimator_features), int(hyper_channels)],
+            sort_keys=True, default=str).encode()
         self._cache: tuple = ((), None)
         self._jitted: dict = {}
 
     # ----------------------------------------------------------------- parameters
     def init(self, rng: jax.Array, *, backbone: bool = True) -> dict:
-        """Random parameters: ``{"vae", "unet", "model"}`` (``backbone=False``: ``model`` only)."""
+        """Random parameters ``{"vae", "unet", "model"}`` (``backbone=False``: ``model`` only).
+
+        Jittable; the random backbone is drawn on the host (:meth:`Backbone.random_params`).
+        """
         import flax.linen as nn
 
         k_b, k_m = jax.random.split(rng)
-        s = self.backbone.stride
-        y = jnp.zeros((1, s // self.backbone.vae_factor, s // self.backbone.vae_factor,
-                       self.backbone.latent_channels))
+        s = self.backbone.stride // self.backbone.vae_factor
+        y = jnp.zeros((1, s, s, self.backbone.latent_channels))
         model = nn.unbox(self.model.init({"params": k_m, "noise": k_m}, y, 1.0, train=False))
-        out = self.backbone.init(k_b) if backbone else {}
+        out = {}
+        if backbone:
+            seed_words = jax.random.key_data(k_b).reshape(-1)
+            out = host_params(self.backbone.param_shapes(),
+                              lambda w: self.backbone.random_params(
+                                  int.from_bytes(np.asarray(w, "<u4").tobytes(), "little")),
+                              seed_words)
         out["model"] = model["params"]
         return out
 
@@ -417,7 +441,7 @@ class FoundationCodec(Codec):
             for j, i in enumerate(members):
                 z, w = lat["z_symbols"][j], lat["w_symbols"][j]
                 side = np.concatenate([lat["t"][j:j + 1], lat["gamma"][j].reshape(-1)])
-                sections = [meta.pack(*side.astype(np.float16).tolist()) + _CRCS.pack(_crc(w), _crc(z)),
+                sections = [meta.pack(*side.astype(np.float16).tolist()),
                             coder.encode(w, _channel_indexes(w.shape), w_table),
                             coder.encode(z, lat["indexes"][j], self.z_table)]
                 h, wd = images[i].shape[:2]
@@ -444,21 +468,17 @@ class FoundationCodec(Codec):
             header, sections = bitstream.unpack(data, codec_id=self.codec_id,
                                                 fingerprint=fingerprint)
             if (header.frames, header.channels, len(sections)) != (1, 3, 3) or \
-                    len(sections[0]) != meta.size + _CRCS.size:
+                    len(sections[0]) != meta.size:
                 raise CorruptError("foundation bitstream has the wrong section layout")
             side = np.asarray(meta.unpack_from(sections[0]), np.float16).astype(np.float32)
-            w_crc, z_crc = _CRCS.unpack_from(sections[0], meta.size)
             t_i, gamma = side[0], side[1:].reshape(2, -1)
             if not (np.all(np.isfinite(side)) and 0.0 < t_i <= 1.0):
                 raise CorruptError("foundation bitstream carries invalid side information")
             z_shape, w_shape = self._geometry(header.height, header.width)
             w = coder.decode(sections[1], _channel_indexes(w_shape), w_table)
-            if _crc(w) != w_crc:
-                raise CorruptError("hyper-latent symbols fail their checksum")
             t_i = np.float32(t) if t is not None else t_i
             k = int(num_steps) if num_steps is not None else self.predicted_steps(t_i)
-            items.append(dict(header=header, z_data=sections[2], w=w, z_crc=z_crc, gamma=gamma,
-                              t=t_i, k=k))
+            items.append(dict(header=header, z_data=sections[2], w=w, gamma=gamma, t=t_i, k=k))
         out: list = [None] * len(items)
         groups: dict = {}
         for i, it in enumerate(items):
@@ -466,13 +486,14 @@ class FoundationCodec(Codec):
         for (_, k), members in groups.items():
             idx = np.asarray(self._fn("hyper")(params, np.stack([items[i]["w"] for i in members]),
                                                medians))
-            z = np.stack([coder.decode(items[i]["z_data"], idx[j], self.z_table)
-                          for j, i in enumerate(members)])
-            for j, i in enumerate(members):
-                if _crc(z[j]) != items[i]["z_crc"]:
-                    raise WrongModelError(
-                        "decoded latents fail their checksum: this decoder's hyper-synthesis "
-                        "disagrees with the encoder's (different weights or platform)")
+            try:
+                z = np.stack([coder.decode(items[i]["z_data"], idx[j], self.z_table)
+                              for j, i in enumerate(members)])
+            except CorruptError as err:  # the container CRC already vouched for the bytes
+                raise WrongModelError(
+                    "latents do not decode although the file is intact: this decoder's "
+                    "hyper-synthesis disagrees with the encoder's (different weights or "
+                    f"different floating-point results) [{err}]") from err
             gamma = np.stack([items[i]["gamma"] for i in members])
             ts = np.asarray([items[i]["t"] for i in members], np.float32)
             if mesh is not None:
@@ -490,3 +511,132 @@ class FoundationCodec(Codec):
 def _channel_indexes(shape) -> np.ndarray:
     """Factorized-table row of every hyper-latent symbol: its channel."""
     return np.broadcast_to(np.arange(shape[-1], dtype=np.int32), shape)
+
+
+# ----------------------------------------------------------------------------- training task
+
+
+def host_params(template: Any, load, *args) -> Any:
+    """Parameters made on the host by ``load(*args) -> pytree of arrays``, jit-compatible.
+
+    The train loop creates parameters under ``jax.jit`` (with ``out_shardings``) and
+    ``jax.eval_shape``; a ``pure_callback`` keeps frozen or host-drawn weights out of the
+    compiled program (no multi-GB constants) and is not run at all by ``eval_shape``.
+    ``template`` is the tree of ``jax.ShapeDtypeStruct`` the result must match.
+    """
+    flat, treedef = jax.tree.flatten(template)
+
+    def callback(*host_args):
+        tree = load(*host_args)
+        got_flat, got_def = jax.tree.flatten(tree)
+        shapes = [tuple(np.shape(a)) for a in got_flat]
+        if got_def != treedef or shapes != [tuple(t.shape) for t in flat]:
+            from diffjax.errors import CheckpointError
+            raise CheckpointError("pretrained weights do not match the configured backbone")
+        return [np.asarray(a, t.dtype) for a, t in zip(got_flat, flat)]
+
+    specs = [jax.ShapeDtypeStruct(t.shape, t.dtype) for t in flat]
+    return jax.tree.unflatten(treedef, jax.pure_callback(callback, specs, *args))
+
+
+class FoundationTask(Task):
+    """Train P(y, lambda) and the latent hyperprior on a frozen backbone (``diffjax.train``).
+
+    Args (``config.task.kwargs``):
+      vae, vae_config, unet_config, scheduler_config, estimator_features, hyper_channels,
+        init_t: as :class:`FoundationCodec`.
+      pretrained: a ``diffjax convert`` pipeline directory (``unet/``, ``vae/``) for
+        ``vae="sd"``; the configs are read from it. Without it the backbone is random
+        (smoke tests only).
+      unet_path: a diffjax model directory holding the UNet alone (e.g. the latent denoiser
+        trained on TAEF2 latents); taesd_encoder / taesd_decoder: ``.pth`` paths.
+      context_path: ``.npy`` ``[1, S, D]`` empty-prompt context (default: zeros).
+      lambdas: the rate-distortion weights; one is drawn per step (``fold_in(lambda_seed,
+        step)``), the same for every example of the step.
+
+    ``codec`` is the matching :class:`FoundationCodec`: trained parameters from the
+    checkpoint go straight into ``codec.encode`` / ``codec.decode``.
+    """
+
+    per_example_rng = True
+
+    def __init__(self, vae: str = "sd", vae_config: Mapping | None = None,
+                 unet_config: Mapping | None = None, scheduler_config: Mapping | None = None,
+                 pretrained: str | None = None, unet_path: str | None = None,
+                 taesd_encoder: str | None = None, taesd_decoder: str | None = None,
+                 context_path: str | None = None, lambdas: Sequence[float] = LAMBDAS,
+                 lambda_seed: int = 0, estimator_features: Sequence[int] = (64, 128, 256),
+                 hyper_channels: int = 64, init_t: float = 0.05, aux_weight: float = 1.0,
+                 num_inference_steps: int = 50):
+        from diffjax.convert.core import read_model_config
+
+        if pretrained:
+            vae_config = read_model_config(f"{pretrained}/vae")["config"]
+            unet_config = read_model_config(f"{pretrained}/unet")["config"]
+        elif unet_path:
+            unet_config = read_model_config(unet_path)["config"]
+        if vae == "sd" and (vae_config is None or unet_config is None):
+            raise InputError("set task.kwargs.pretrained to a `diffjax convert` SD directory "
+                             "(or give vae_config and unet_config for a random backbone)")
+        self.vae_config, self.unet_config = dict(vae_config), dict(unet_config or {})
+        self.paths = dict(pretrained=pretrained, unet_path=unet_path, context_path=context_path,
+                          taesd_encoder=taesd_encoder, taesd_decoder=taesd_decoder)
+        if vae == "taesd" and bool(taesd_encoder) != bool(taesd_decoder):
+            raise InputError("give both taesd_encoder and taesd_decoder (or neither)")
+        self.codec = FoundationCodec(1, vae=vae, vae_config=vae_config, unet_config=unet_config,
+                                     scheduler_config=scheduler_config,
+                                     estimator_features=estimator_features,
+                                     hyper_channels=hyper_channels, init_t=init_t,
+                                     num_inference_steps=num_inference_steps)
+        self.lambdas = tuple(float(v) for v in lambdas)
+        if not self.lambdas or min(self.lambdas) <= 0:
+            raise InputError(f"lambdas must be positive, got {lambdas}")
+        self.lambda_seed = int(lambda_seed)
+        self.aux_weight = float(aux_weight)
+
+    def _loaders(self) -> dict:
+        from diffjax.convert.core import load_pretrained
+        from diffjax.models.taesd import load_taesd
+
+        p, out = self.paths, {}
+        if p["pretrained"]:
+            out["vae"] = lambda: load_pretrained(p["pretrained"], "vae")[1]
+            out["unet"] = lambda: load_pretrained(p["pretrained"], "unet")[1]
+        if p["unet_path"]:
+            out["unet"] = lambda: load_pretrained(p["unet_path"])[1]
+        if p["taesd_encoder"]:
+            out["vae"] = lambda: {"encoder": load_taesd(p["taesd_encoder"])[1],
+                                  "decoder": load_taesd(p["taesd_decoder"])[1]}
+        return out
+
+    def init_params(self, rng, batch_spec=None) -> dict:
+        params = self.codec.init(rng, backbone=False)
+        shapes, loaders = self.codec.backbone.param_shapes(), self._loaders()
+        for name in ("vae", "unet"):  # random (smoke runs) unless a path is configured
+            load = loaders.get(name) or (lambda n=name: self.codec.backbone.random_params()[n])
+            params[name] = host_params(shapes[name], load)
+        if self.paths["context_path"]:
+            ctx = np.load(self.paths["context_path"])
+            if ctx.ndim != 3 or ctx.shape[0] != 1 or ctx.shape[2] != self.codec.backbone.cross_attention_dim:
+                raise InputError(f"context {self.paths['context_path']} has shape {ctx.shape}, "
+                                 f"expected [1, S, {self.codec.backbone.cross_attention_dim}]")
+            params["context"] = jnp.asarray(ctx, jnp.float32)
+        return params
+
+    def lambda_for_step(self, step) -> jax.Array:
+        """The rate-distortion weight of training step ``step`` (same for the whole batch)."""
+        key = jax.random.fold_in(jax.random.key(self.lambda_seed), step)
+        i = jax.random.randint(key, (), 0, len(self.lambdas))
+        return jnp.asarray(self.lambdas, jnp.float32)[i]
+
+    def loss_fn(self, params, batch, rng, step):
+        return foundation_loss(self.codec.backbone, self.codec.model, params, batch["image"],
+                               self.lambda_for_step(step), rng, aux_weight=self.aux_weight)
+
+    def param_labels(self, params):
+        from diffjax.train.optim import TRAINABLE, path_labels
+
+        base = jax.tree_util.tree_map_with_path(
+            lambda path, _: "aux" if "quantiles" in jax.tree_util.keystr(path) else TRAINABLE,
+            params)
+        return path_labels(params, freeze=[r"^vae/", r"^unet/", r"^context"], base=base)

@@ -1,0 +1,208 @@
+"""Foundation latent codec (Relic et al. 2024) on tiny random SD-layout backbones.
+
+Proofs of issue 8: end to end through a file and a fresh process (bit-identical), UNet
+calls == predicted step count, gradients through t and gamma, sharded == single-device
+decode; plus the partial-DDIM plan against the diffusion core's DDIM and bad input.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import diffjax.codecs
+from diffjax.codecs.foundation import Backbone, FoundationCodec, foundation_loss
+from diffjax.diffusion import sample
+from diffjax.entropy.bitstream import (CorruptError, TruncatedError, WrongCodecError,
+                                       WrongModelError)
+from diffjax.errors import InputError
+from diffjax.train.sharding import make_mesh
+
+SCHED = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+             beta_schedule="scaled_linear", prediction_type="v_prediction", steps_offset=1,
+             clip_sample=False, set_alpha_to_one=False)
+VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+           block_out_channels=(8, 8, 16, 16), norm_num_groups=8,
+           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=24,
+            attention_head_dim=(2, 4), use_linear_projection=True,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+CONFIG = dict(vae="sd", vae_config=VAE, unet_config=UNET, scheduler_config=SCHED,
+              estimator_features=(16, 32), hyper_channels=16)
+
+
+def _image(seed, h=40, w=56):
+    """A smooth random image (random-weight codecs give ~uniform output anyway)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    base = np.stack([np.sin(3 * yy + rng.random()), np.cos(4 * xx), yy * xx], -1)
+    return np.clip(127.5 + 100 * base + rng.normal(0, 8, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def codec():
+    return diffjax.codecs.get("foundation", quality=10, **CONFIG)
+
+
+@pytest.fixture(scope="module")
+def params(codec):
+    p = codec.init(jax.random.key(0))
+    # a non-trivial context so the cross-attention path matters
+    p["context"] = jax.random.normal(jax.random.key(5), (1, 3, 24))
+    return p
+
+
+@pytest.fixture(scope="module")
+def stream(codec, params):
+    return codec.encode(params, _image(0))
+
+
+def test_registered_with_codec_id(codec):
+    assert isinstance(codec, FoundationCodec) and codec.codec_id == 3
+    assert diffjax.codecs.codec_name(3) == "foundation"
+    assert codec.backbone.stride == 32  # VAE /8 times hyper /4 (UNet needs /2 of the latent)
+
+
+def test_file_roundtrip_in_fresh_process_is_bit_identical(codec, params, stream, tmp_path):
+    ours = codec.decode(params, stream)
+    assert ours.shape == (40, 56, 3) and ours.dtype == np.uint8
+    (tmp_path / "image.djx").write_bytes(stream)
+    (tmp_path / "params.msgpack").write_bytes(flax.serialization.msgpack_serialize(
+        jax.tree.map(np.asarray, params)))
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    script = textwrap.dedent("""
+        import json, sys, pathlib
+        import numpy as np, flax, diffjax.codecs
+        d = pathlib.Path(sys.argv[1])
+        codec = diffjax.codecs.get("foundation", quality=10, **json.loads((d / "config.json").read_text()))
+        params = flax.serialization.msgpack_restore((d / "params.msgpack").read_bytes())
+        np.save(d / "decoded.npy", codec.decode(params, (d / "image.djx").read_bytes()))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # a plain 1-device process
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "decoded.npy"), ours)
+
+
+def test_unet_calls_equal_predicted_step_count(params, stream):
+    codec = diffjax.codecs.get("foundation", quality=10, **CONFIG)  # fresh jit caches
+    calls = []
+    inner = codec.backbone.unet_apply
+
+    def counted(p, x, t, ctx):
+        jax.debug.callback(lambda: calls.append(1))
+        return inner(p, x, t, ctx)
+
+    codec.backbone.unet_apply = counted
+    from diffjax.entropy import bitstream
+    _, sections = bitstream.unpack(stream)
+    t = float(np.frombuffer(sections[0][:2], "<f2")[0])  # the side information in the file
+    assert 0.0 < t < 1.0
+    expected = codec.predicted_steps(t)
+    assert expected == max(1, int(np.ceil(t * codec.num_inference_steps)))
+    codec.decode(params, stream)
+    assert len(calls) == expected
+    for kwargs, n in (({"num_steps": 2}, 2), ({"t": 0.31}, codec.predicted_steps(0.31)),
+                      ({"t": 0.5, "num_steps": 1}, 1)):
+        calls.clear()
+        codec.decode(params, stream, **kwargs)
+        assert len(calls) == n, kwargs
+    assert codec.predicted_steps(0.31) == 16
+
+
+def test_overrides_change_the_output(codec, params, stream):
+    base = codec.decode(params, stream)
+    assert not np.array_equal(base, codec.decode(params, stream, t=0.6))
+    assert not np.array_equal(base, codec.decode(params, stream, num_steps=1))
+
+
+def test_gradients_reach_estimator_through_t_and_gamma(codec, params):
+    x = jnp.asarray(np.stack([_image(1, 32, 32), _image(2, 32, 32)]) / 255.0, jnp.float32)
+    c = codec.backbone.latent_channels
+
+    def loss(model_params):
+        p = dict(params, model=model_params)
+        return foundation_loss(codec.backbone, codec.model, p, x, 10.0, jax.random.key(3))[0]
+
+    grads = jax.jit(jax.grad(loss))(params["model"])
+    est = grads["estimator"]
+    leaves = jax.tree.leaves(est)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert all(float(jnp.max(jnp.abs(g))) > 0 for g in leaves)
+    head_bias = est["head"]["bias"]
+    assert float(jnp.abs(head_bias[2 * c])) > 0            # the t logit: only through alpha(t)
+    assert float(jnp.min(jnp.abs(head_bias[:c]))) > 0      # every log-scale of gamma
+    assert float(jnp.min(jnp.abs(head_bias[c:2 * c]))) > 0  # every shift of gamma
+
+
+def test_sharded_decode_equals_single_device(codec, params):
+    assert jax.device_count() == 8
+    images = [_image(10 + i, 32, 32) for i in range(8)]
+    datas = codec.encode_batch(params, images)
+    single = codec.decode_batch(params, datas)
+    sharded = codec.decode_batch(params, datas, mesh=make_mesh({"data": -1, "fsdp": 1}))
+    for a, b in zip(single, sharded):
+        np.testing.assert_array_equal(a, b)
+    # batching does not change the result either
+    np.testing.assert_array_equal(single[3], codec.decode(params, datas[3]))
+
+
+@pytest.fixture(scope="module")
+def toy_backbone():
+    """The tiny backbone with a cheap stand-in denoiser: tests the DDIM plan, not the UNet."""
+    bb = Backbone("sd", VAE, UNET, SCHED)
+    w = jax.random.normal(jax.random.key(9), (4, 4)) * 0.3
+    bb.unet_apply = lambda p, x, t, ctx: jnp.tanh(x @ w) * (1 + t[:, None, None, None] / 1000)
+    return bb
+
+
+def test_partial_ddim_matches_diffusion_core_ddim(toy_backbone):
+    """t = 1 with k steps is a full DDIM run on the "trailing" grid (timesteps 999, 979, ...)."""
+    y = jax.random.normal(jax.random.key(1), (2, 4, 4, 4))
+    ours = toy_backbone.denoise(None, y, jnp.ones(2), 50, None)
+    cfg = dict(SCHED, timestep_spacing="trailing", set_alpha_to_one=True)
+    ref = sample(lambda x, t: toy_backbone.unet_apply(None, x, jnp.full((2,), t), None),
+                 toy_backbone.schedule.alpha(1.0) * y, scheduler_config=cfg, sampler="ddim",
+                 num_inference_steps=50)
+    np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_one_step_decode_is_the_training_x0_step(toy_backbone):
+    y = jax.random.normal(jax.random.key(2), (3, 4, 4, 4))
+    t = jnp.array([0.02, 0.05, 0.3])
+    one = toy_backbone.denoise(None, y, t, 1, None)
+    np.testing.assert_allclose(one, toy_backbone.x0_step(None, y, t, None), atol=1e-5, rtol=1e-5)
+    assert not np.allclose(one, toy_backbone.denoise(None, y, t, 3, None))
+
+
+def test_bad_streams_and_arguments(codec, params, stream):
+    with pytest.raises(CorruptError):
+        codec.decode(params, stream[:-3] + bytes([stream[-3] ^ 0x10]) + stream[-2:])
+    with pytest.raises(TruncatedError):
+        codec.decode(params, stream[:-5])
+    other = dict(params, model=jax.tree.map(lambda a: a * 1.001, params["model"]))
+    with pytest.raises(WrongModelError):
+        codec.decode(other, stream)
+    from diffjax.entropy import bitstream
+    foreign = bitstream.pack(1, codec.fingerprint(params), [b"x"], height=8, width=8)
+    with pytest.raises(WrongCodecError):
+        codec.decode(params, foreign)
+    with pytest.raises(InputError, match="t must be"):
+        codec.decode(params, stream, t=1.5)
+    with pytest.raises(InputError, match="num_steps"):
+        codec.decode(params, stream, num_steps=0)
+    with pytest.raises(InputError, match="quality"):
+        FoundationCodec(0, **CONFIG)
+    with pytest.raises(InputError):
+        codec.encode(params, np.zeros((8, 8), np.uint8))
+    with pytest.raises(InputError, match="channels"):
+        Backbone("sd", VAE, dict(UNET, in_channels=8), SCHED)
