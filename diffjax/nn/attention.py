@@ -6,7 +6,7 @@
   is diffusers' ``upcast_attention``/``upcast_softmax`` behaviour.
 * :class:`Attention` - multi-head attention with ``to_q``/``to_k``/``to_v``/``to_out_0``
   projections (self-attention, or cross-attention over a context sequence).
-* :class:`FeedForward` - GEGLU (Shazeer 2020, eq. 6) or GELU MLP.
+* :class:`FeedForward` - GEGLU (Shazeer 2020, eq. 6) or the other diffusers MLP variants.
 * :class:`BasicTransformerBlock` - pre-LN self-attn, cross-attn and FF sublayers
   (LDM, Rombach et al. 2022, sec. 3.3 "SpatialTransformer").
 * :class:`Transformer2DModel` - GroupNorm, ``proj_in`` (1x1 conv, or linear as in SD 2.x),
@@ -87,29 +87,48 @@ def multi_head_attention(x, context=None, bias=None, *, heads: int, dim_head: in
     return dense(out_dim or x.shape[-1], use_bias=out_bias, name="to_out_0", **kw)(out)
 
 
-class _GEGLU(nn.Module):
-    """``proj`` to 2x width, then ``h * gelu(gate)`` (Shazeer 2020, "GLU Variants", eq. 6)."""
+def _sigmoid_gelu(x):
+    """``x * sigmoid(1.702 x)`` (Hendrycks & Gimpel 2016, sec. 2), diffusers' ApproximateGELU."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# diffusers FeedForward activation name -> (gated, activation applied to h or to the gate)
+_FF_KINDS = {
+    "geglu": (True, lambda x: jax.nn.gelu(x, approximate=False)),
+    "gelu": (False, lambda x: jax.nn.gelu(x, approximate=False)),
+    "gelu-approximate": (False, lambda x: jax.nn.gelu(x, approximate=True)),
+    "geglu-approximate": (False, _sigmoid_gelu),
+    "swiglu": (True, jax.nn.silu),
+    "linear-silu": (False, jax.nn.silu),
+}
+
+
+class _ProjAct(nn.Module):
+    """``proj`` then the activation; gated kinds project to 2x width and return
+    ``h * act(gate)`` (GEGLU / SwiGLU, Shazeer 2020, "GLU Variants", eq. 6)."""
 
     dim_out: int
-    approximate: bool = False
-    gated: bool = True
+    kind: str = "geglu"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        width = self.dim_out * (2 if self.gated else 1)
-        x = dense(width, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        if not self.gated:
-            return jax.nn.gelu(x, approximate=self.approximate)
+        gated, act = _FF_KINDS[self.kind]
+        x = dense(self.dim_out * (2 if gated else 1), name="proj", dtype=self.dtype,
+                  param_dtype=self.param_dtype)(x)
+        if not gated:
+            return act(x)
         h, gate = jnp.split(x, 2, axis=-1)
-        return h * jax.nn.gelu(gate, approximate=self.approximate)
+        return h * act(gate)
 
 
 class FeedForward(nn.Module):
-    """diffusers ``FeedForward``: ``net_0`` (GEGLU/GELU with ``proj``) -> dropout -> ``net_2``.
+    """diffusers ``FeedForward``: ``net_0`` (``proj`` + activation) -> dropout -> ``net_2``.
 
-    ``activation_fn`` is one of ``geglu``, ``geglu-approximate``, ``gelu``, ``gelu-approximate``.
+    ``activation_fn`` as in diffusers: ``geglu`` (SD), ``gelu``, ``gelu-approximate``
+    (tanh), ``geglu-approximate`` (``x * sigmoid(1.702 x)``, not gated despite its name),
+    ``swiglu``, ``linear-silu``. Hidden width is ``mult * dim``.
     """
 
     dim_out: int
@@ -121,15 +140,11 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        kinds = {"geglu": (True, False), "geglu-approximate": (True, True),
-                 "gelu": (False, False), "gelu-approximate": (False, True)}
-        if self.activation_fn not in kinds:
+        if self.activation_fn not in _FF_KINDS:
             raise InputError(f"unsupported feed-forward activation {self.activation_fn!r}; "
-                             f"supported: {', '.join(kinds)}")
-        gated, approximate = kinds[self.activation_fn]
+                             f"supported: {', '.join(_FF_KINDS)}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = _GEGLU(x.shape[-1] * self.mult, approximate=approximate, gated=gated,
-                   name="net_0", **kw)(x)
+        h = _ProjAct(x.shape[-1] * self.mult, self.activation_fn, name="net_0", **kw)(x)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic or self.dropout == 0.0)
         return dense(self.dim_out, name="net_2", **kw)(h)
 
