@@ -1,4 +1,4 @@
-"""optax optimizer factory: Adam/AdamW, warmup + cosine, clipping, frozen subtrees.
+"""optax optimizer factory: Adam/AdamW (or SGD), warmup + cosine, clipping, frozen subtrees.
 
 Every parameter carries a *label* (a string). The label ``"frozen"`` maps to
 ``optax.set_to_zero()`` (no update and no optimizer state: a frozen Stable Diffusion
@@ -8,7 +8,7 @@ clipping is applied per label group, so it only sees the parameters that train.
 
 Config (``config.optimizer``), all optional except ``learning_rate``::
 
-    name: "adam" | "adamw"          b1, b2, eps, weight_decay (adamw)
+    name: "adam" | "adamw" | "sgd"  b1, b2, eps, weight_decay (adamw), momentum (sgd)
     learning_rate                   warmup_steps, schedule: "cosine" | "constant" | "linear"
     decay_steps (default: num_train_steps), end_learning_rate_factor (default 0.0)
     grad_clip_norm (0 = off)
@@ -32,7 +32,7 @@ from diffjax.errors import InputError
 FROZEN = "frozen"
 TRAINABLE = "trainable"
 
-_OPT_KEYS = {"name", "learning_rate", "b1", "b2", "eps", "weight_decay", "warmup_steps",
+_OPT_KEYS = {"name", "learning_rate", "b1", "b2", "eps", "weight_decay", "momentum", "warmup_steps",
              "schedule", "decay_steps", "end_learning_rate_factor", "grad_clip_norm",
              "train_only", "freeze", "groups"}
 
@@ -72,8 +72,11 @@ def _base_optimizer(cfg: Mapping[str, Any], num_train_steps: int) -> optax.Gradi
         opt = optax.adam(schedule, **kwargs)
     elif name == "adamw":
         opt = optax.adamw(schedule, weight_decay=float(_get(cfg, "weight_decay", 1e-4)), **kwargs)
+    elif name == "sgd":
+        momentum = float(_get(cfg, "momentum", 0.0))
+        opt = optax.sgd(schedule, momentum=momentum or None)
     else:
-        raise InputError(f"unknown optimizer {name!r}; use adam or adamw")
+        raise InputError(f"unknown optimizer {name!r}; use adam, adamw or sgd")
     clip = float(_get(cfg, "grad_clip_norm", 0.0))
     return optax.chain(optax.clip_by_global_norm(clip), opt) if clip > 0 else opt
 
