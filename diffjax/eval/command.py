@@ -21,6 +21,9 @@ baselines (--baselines, comma list): jpeg, webp, avif (Pillow), hevc (x265 intra
 av1 (libaom intra). --sweep NAME=v1,v2,... replaces a baseline's default sweep
 (quality for Pillow formats, crf for hevc/av1).
 
+video (--video): each positional argument is a clip (video file or folder of frames),
+--baselines x264,x265 (default both), --sweep x264=40,30,20 sets the CRFs.
+
 outputs in --out: rd.json (every image, every rate point), rd_psnr.png, rd_ms_ssim.png,
 rd_lpips.png (rd_fid.png with --fid), bd_rate.md (BD-rates vs --anchor).
 
@@ -29,12 +32,15 @@ examples:
       --reference results/kodak/published/compressai-bmshj2018-hyperprior_mse_cpu.json
   diffjax eval ../shared/data/kodak --codec runs/hp-q1 --codec runs/hp-q3 \\
       --baselines jpeg --anchor jpeg --fid --out /tmp/rd
+  diffjax eval --video ../shared/data/basketballpass --frames 30 --out /tmp/vrd
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = _EPILOG
-    parser.add_argument("images", help="folder of images (png/jpg/...)")
+    parser.add_argument("images", nargs="+",
+                        help="folder of images (png/jpg/...); with --video: clips (video "
+                             "files or folders of frames)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--baselines", default="", help="comma list: jpeg,webp,avif,hevc,av1")
     parser.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2,...",
@@ -57,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="only the first N images (sorted)")
     parser.add_argument("--keep-bitstreams", action="store_true",
                         help="keep the bitstreams in OUT/bitstreams")
+    parser.add_argument("--video", action="store_true",
+                        help="video mode: x264/x265 CRF sweeps (--baselines x264,x265) with "
+                             "frame-averaged metrics and tLP")
+    parser.add_argument("--frames", type=int, help="video mode: first N frames of each clip")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -118,25 +128,41 @@ def run(args: argparse.Namespace) -> int:
 
     sweeps = _parse_sweeps(args.sweep)
     names = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    if args.video and not names:
+        names = bl.video_baselines()
     unknown = set(sweeps) - set(names)
     if unknown:
         raise InputError(f"--sweep for baselines not selected: {', '.join(sorted(unknown))}")
-    images = load_images(args.images, args.limit)
-    points = _codec_points(args)
-    for name in names:
-        points += baseline_points(name, sweeps.get(name))
-    if not points:
-        raise InputError("nothing to evaluate: give --codec and/or --baselines")
-    references = dict(load_reference(p) for p in args.reference)
     anchor = bl.PRETTY.get(args.anchor, args.anchor) if args.anchor else None
     out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = evaluate_rd(
-        points, images, lpips_net=args.lpips_net, fid=args.fid, fid_patch=args.fid_patch,
-        workers=args.workers, anchor=anchor, references=references,
-        bitstream_dir=out / "bitstreams" if args.keep_bitstreams else None,
-        progress=not args.no_progress, dataset=pathlib.Path(args.images).name)
-    result["argv"] = list(sys.argv)
+    if args.video:
+        if args.codec:
+            raise InputError("--video evaluates the x264/x265 baselines; diffjax video codecs "
+                             "are not supported by the runner yet")
+        from diffjax.eval.video import evaluate_video_rd, load_clip
+
+        clips = [(pathlib.Path(p).name, load_clip(p, args.frames)) for p in args.images]
+        out.mkdir(parents=True, exist_ok=True)
+        result = evaluate_video_rd(clips, names, sweeps, lpips_net=args.lpips_net,
+                                   workers=args.workers, anchor=anchor,
+                                   progress=not args.no_progress,
+                                   dataset=",".join(n for n, _ in clips))
+    else:
+        if len(args.images) != 1:
+            raise InputError("give one folder of images (or use --video for clips)")
+        images = load_images(args.images[0], args.limit)
+        points = _codec_points(args)
+        for name in names:
+            points += baseline_points(name, sweeps.get(name))
+        if not points:
+            raise InputError("nothing to evaluate: give --codec and/or --baselines")
+        references = dict(load_reference(p) for p in args.reference)
+        out.mkdir(parents=True, exist_ok=True)
+        result = evaluate_rd(
+            points, images, lpips_net=args.lpips_net, fid=args.fid, fid_patch=args.fid_patch,
+            workers=args.workers, anchor=anchor, references=references,
+            bitstream_dir=out / "bitstreams" if args.keep_bitstreams else None,
+            progress=not args.no_progress, dataset=pathlib.Path(args.images[0]).name)
     (out / "rd.json").write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
     plot_rd(result, out, title=result["dataset"]["name"])
     table = format_bd_table(result["bd_rate"])
@@ -145,9 +171,10 @@ def run(args: argparse.Namespace) -> int:
           f"{'LPIPS':>7s} {'enc s':>7s} {'dec s':>7s}")
     for r in summary_rows(result):
         ms = "   n/a" if r["ms_ssim"] is None else f"{r['ms_ssim']:.4f}"
+        extra = f"  FID {r['fid']:.2f} KID {r['kid']:.4f}" if r["fid"] is not None else ""
+        extra += f"  tLP {r['tlp']:.4f}" if r.get("tlp") is not None else ""
         print(f"{r['curve'][:28]:28s} {r['label'][:14]:14s} {r['bpp']:7.3f} {r['psnr']:7.2f} "
-              f"{ms:>8s} {r['lpips']:7.4f} {r['enc_s']:7.3f} {r['dec_s']:7.3f}"
-              + (f"  FID {r['fid']:.2f} KID {r['kid']:.4f}" if r["fid"] is not None else ""))
+              f"{ms:>8s} {r['lpips']:7.4f} {r['enc_s']:7.3f} {r['dec_s']:7.3f}{extra}")
     print()
     print(table)
     print(f"\nwrote {out}/rd.json, plots and bd_rate.md")

@@ -72,19 +72,27 @@ def load_images(folder: str | pathlib.Path, limit: int | None = None
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def jitted_metrics(lpips_net: str) -> dict:
+    """Compiled metric functions, shared by every runner in the process (compiled once per
+    input shape)."""
+    return {"ms_ssim": jax.jit(functools.partial(ms_ssim, reduction="none")),
+            "lpips": jax.jit(functools.partial(lpips_distance, net=lpips_net)),
+            "features": jax.jit(inception_features)}
+
+
 class MetricSuite:
     """PSNR / MS-SSIM / LPIPS per image, and Inception features for FID/KID."""
 
     def __init__(self, lpips_net: str = "alex", fid: bool = False, fid_patch: int = 256):
         self.lpips_net = lpips_net
-        self._ms_ssim = jax.jit(functools.partial(ms_ssim, reduction="none"))
+        fns = jitted_metrics(lpips_net)
+        self._ms_ssim, self._lpips, self._features = fns["ms_ssim"], fns["lpips"], fns["features"]
         self._lpips_params = load_lpips_params(lpips_net)
-        self._lpips = jax.jit(functools.partial(lpips_distance, net=lpips_net))
         self.fid = fid
         self.fid_patch = fid_patch
         if fid:
             self._inception_params = load_inception_params()
-            self._features = jax.jit(inception_features)
 
     def image(self, ref: np.ndarray, dec: np.ndarray) -> dict[str, float | None]:
         err = np.mean((ref.astype(np.float64) - dec.astype(np.float64)) ** 2)
@@ -308,5 +316,6 @@ def summary_rows(result: dict) -> list[dict]:
         for p in pts:
             rows.append({"curve": curve, "label": p["label"], "bpp": p["bpp"], "psnr": p["psnr"],
                          "ms_ssim": p["ms_ssim"], "lpips": p["lpips"], "enc_s": p["enc_s"],
-                         "dec_s": p["dec_s"], "fid": p.get("fid"), "kid": p.get("kid")})
+                         "dec_s": p["dec_s"], "fid": p.get("fid"), "kid": p.get("kid"),
+                         "tlp": p.get("tlp")})
     return rows

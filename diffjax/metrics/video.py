@@ -45,7 +45,7 @@ def _batched(fn: Callable, a: np.ndarray, b: np.ndarray, batch: int) -> np.ndarr
 
 def video_metrics(x: Any, y: Any, metrics: Sequence[str] = VIDEO_METRICS, net: str = "alex",
                   lpips_params: Any = None, lpips_fn: Callable | None = None,
-                  batch_size: int = 8) -> dict[str, float]:
+                  ms_ssim_fn: Callable | None = None, batch_size: int = 8) -> dict[str, float]:
     """Frame-averaged PSNR / MS-SSIM / LPIPS and tLP between source ``x`` and decoded ``y``.
 
     Args:
@@ -53,6 +53,8 @@ def video_metrics(x: Any, y: Any, metrics: Sequence[str] = VIDEO_METRICS, net: s
       metrics: any of ``VIDEO_METRICS``; MS-SSIM needs frames larger than 160 px a side.
       lpips_fn: optional ``fn(params, a, b) -> [B]`` (e.g. ``jax.jit(lpips_distance, ...)``)
         used for LPIPS and tLP; eager :func:`lpips_distance` when ``None``.
+      ms_ssim_fn: optional ``fn(a, b) -> [B]`` (e.g. a jitted ``ms_ssim(...,
+        reduction="none")``); eager when ``None``.
     Returns:
       ``{name: value}`` as Python floats.
     """
@@ -70,8 +72,8 @@ def video_metrics(x: Any, y: Any, metrics: Sequence[str] = VIDEO_METRICS, net: s
         out["psnr"] = float(np.mean(_batched(lambda a, b: psnr(a, b, reduction="none"),
                                              fx, fy, batch_size)))
     if "ms_ssim" in metrics:
-        out["ms_ssim"] = float(np.mean(_batched(lambda a, b: ms_ssim(a, b, reduction="none"),
-                                                fx, fy, batch_size)))
+        fn = ms_ssim_fn or (lambda a, b: ms_ssim(a, b, reduction="none"))
+        out["ms_ssim"] = float(np.mean(_batched(fn, fx, fy, batch_size)))
     if "lpips" in metrics or "tlp" in metrics:
         params = lpips_params if lpips_params is not None else load_lpips_params(net)
         fn = lpips_fn or (lambda p, a, b: lpips_distance(p, a, b, net=net))
