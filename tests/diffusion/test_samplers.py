@@ -87,21 +87,34 @@ def test_parity_sd21(name, config, n, start, noise):
 OPTION_CASES = [
     ("ddim", dict(SD21, timestep_spacing="trailing", rescale_betas_zero_snr=True), 8, 0.0),
     ("ddim", dict(SD21_BASE, set_alpha_to_one=True), 6, 0.7),
-    ("ddpm", {"clip_sample": True, "variance_type": "fixed_large"}, 6, 0.0),
     ("ddpm", dict(SD21_BASE, thresholding=True, sample_max_value=1.5), 6, 0.0),
     ("euler", dict(SD21, use_karras_sigmas=True, timestep_spacing="leading"), 8, 0.0),
+    ("dpmsolver++", dict(SD21_BASE, algorithm_type="sde-dpmsolver++"), 8, 0.0),
+]
+SLOW_OPTION_CASES = [
+    ("ddpm", {"clip_sample": True, "variance_type": "fixed_large"}, 6, 0.0),
     ("euler", dict(SD21_BASE, timestep_spacing="trailing", final_sigmas_type="sigma_min"), 8, 0.0),
     ("euler_ancestral", dict(SD21_BASE, timestep_spacing="trailing"), 8, 0.0),
-    ("dpmsolver++", dict(SD21_BASE, algorithm_type="sde-dpmsolver++"), 8, 0.0),
     ("dpmsolver++", dict(SD21, solver_type="heun", use_karras_sigmas=True), 20, 0.0),
     ("dpmsolver++", dict(SD21_BASE, beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1,
                          final_sigmas_type="sigma_min"), 16, 0.0),
+    ("dpmsolver++", dict(SD21, algorithm_type="sde-dpmsolver++", solver_type="heun"), 10, 0.0),
+    ("ddim", dict(beta_schedule="squaredcos_cap_v2", prediction_type="sample"), 10, 1.0),
+    ("ddpm", dict(beta_schedule="squaredcos_cap_v2", prediction_type="sample",
+                  clip_sample=False), 20, 0.0),
 ]
 
 
 @pytest.mark.parametrize("name,config,n,eta", OPTION_CASES,
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(OPTION_CASES)])
 def test_parity_scheduler_options(name, config, n, eta, noise):
+    _compare(name, config, n, noise, eta=eta, full_run=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,config,n,eta", SLOW_OPTION_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(SLOW_OPTION_CASES)])
+def test_parity_scheduler_options_slow(name, config, n, eta, noise):
     _compare(name, config, n, noise, eta=eta, full_run=True)
 
 
@@ -281,3 +294,22 @@ def test_scheduler_config_json_file(tmp_path, noise):
     a = sample(denoise_jax, jnp.asarray(noise), scheduler_config=str(path), num_inference_steps=4)
     b = sample(denoise_jax, jnp.asarray(noise), scheduler_config=SD21, num_inference_steps=4)
     np.testing.assert_array_equal(a, b)
+
+
+def test_start_step_for_t_drives_partial_decoding(noise):
+    """A codec-predicted continuous t picks the start step inside one compiled function."""
+    from diffjax.diffusion import start_step_for_t
+
+    plan = make_plan(SD21, "ddim", 50)
+    pick = jax.jit(lambda t: start_step_for_t(t, plan))
+    for i in (0, 13, 49):
+        t = (float(plan.timesteps[i]) + 1.0) / 1000.0  # t = (timestep + 1) / N
+        assert int(pick(t)) == i
+        assert int(pick(t + 0.004)) == i  # nearest grid step (grid spacing 0.02)
+    decode = jax.jit(lambda x, t: run_plan(plan, denoise_jax, x,
+                                           start_step=start_step_for_t(t, plan)))
+    for t in (0.1, 0.33):
+        start = int(pick(t))
+        ref = run_plan(plan, denoise_jax, jnp.asarray(noise), start_step=start)
+        np.testing.assert_allclose(decode(noise, t), ref, rtol=1e-6, atol=1e-6)
+    assert decode._cache_size() == 1
