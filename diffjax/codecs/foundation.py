@@ -200,37 +200,52 @@ class Backbone:
         out = self.unet_apply(unet_params, y_t, self.schedule.model_time(t), context)
         return to_x0(out.astype(jnp.float32), y_t, a, s, self.prediction_type)
 
-    def ddim_plan(self, t, num_steps: int) -> Plan:
-        """A DDIM plan of ``num_steps`` steps at times ``t (k - j) / k`` down to 0, per example.
+    def ddim_plan(self, t, num_steps, max_steps: int) -> Plan:
+        """DDIM plan: ``k = num_steps`` steps at times ``t (k - i) / k``, ``i < k``, down to 0.
 
-        Built from the continuous schedule (traced ``t [B]``: no recompilation per ``t``);
-        tables are ``[k, B, 1, 1, 1]`` so the diffusion core's DDIM step broadcasts them.
+        Built from the continuous schedule, so ``t [B]`` (per example) and ``k`` may be
+        traced: one compilation serves every ``t`` and every ``k <= max_steps``. The plan
+        has ``max_steps`` rows; the real steps are the last ``k`` (run them with
+        ``start_step = max_steps - k``). Tables are ``[max_steps, B, 1, 1, 1]`` so the
+        diffusion core's DDIM step broadcasts them over the batch.
         """
-        k = int(num_steps)
         t = self.clip_t(t)
-        frac = jnp.arange(k, 0, -1, dtype=jnp.float32) / k                       # [k]
-        t_now = frac[:, None] * t[None, :]                                       # [k, B]
-        t_prev = (frac - 1.0 / k)[:, None] * t[None, :]
+        k = jnp.asarray(num_steps, jnp.float32)
+        left = jnp.arange(max_steps, 0, -1, dtype=jnp.float32)   # steps left incl. this one
+        t_now = jnp.minimum(left[:, None] / k * t[None, :], 1.0)  # rows before the start: unused
+        t_prev = jnp.minimum((left[:, None] - 1.0) / k * t[None, :], 1.0)
         a_now = self.schedule.alpha_bar(t_now)
         a_prev = jnp.where(t_prev > 0, self.schedule.alpha_bar(t_prev), 1.0)
         var = (1 - a_prev) / (1 - a_now) * (1 - a_now / a_prev)
         col = lambda v: v[..., None, None, None]  # noqa: E731
         return Plan(sampler="ddim", config=self.ddim_config,
                     timesteps=col(self.schedule.model_time(t_now)), alpha=col(jnp.sqrt(a_now)),
-                    sigma=col(jnp.sqrt(1 - a_now)), scale=jnp.ones((k + 1,), jnp.float32),
+                    sigma=col(jnp.sqrt(1 - a_now)),
+                    scale=jnp.ones((max_steps + 1,), jnp.float32),
                     tables=dict(a_prev=col(a_prev), sqrt_a_prev=col(jnp.sqrt(a_prev)),
                                 var=col(var)))
 
-    def denoise(self, unet_params, y_hat, t, num_steps: int, context) -> jax.Array:
-        """Partial DDIM from ``y_t = alpha(t) y_hat`` to ``y_0`` in ``num_steps`` UNet calls."""
+    def denoise(self, unet_params, y_hat, t, num_steps, context, max_steps: int | None = None):
+        """Partial DDIM from ``y_t = alpha(t) y_hat`` to ``y_0`` in ``num_steps`` UNet calls.
+
+        ``num_steps`` may be traced when ``max_steps`` (static, ``>= num_steps``) is given.
+        """
+        if max_steps is None:
+            max_steps = int(num_steps)
         t = self.clip_t(t)
-        plan = self.ddim_plan(t, num_steps)
+        plan = self.ddim_plan(t, num_steps, max_steps)
         y_t = self.schedule.alpha(t)[:, None, None, None] * y_hat
 
-        def denoise_fn(x, step_t, ctx):
+        def denoise_fn(x, step_t, ctx=None):
             return self.unet_apply(unet_params, x, step_t.reshape(-1), ctx)
 
-        return run_plan(plan, denoise_fn, y_t, cond=context)
+        start = max_steps - jnp.asarray(num_steps, jnp.int32)
+        return run_plan(plan, denoise_fn, y_t, start_step=start, cond=context)
+
+
+def steps_bucket(num_steps: int) -> int:
+    """Static loop length compiled for ``num_steps`` DDIM steps: 8, 16, 32, ..."""
+    return max(8, 1 << (int(num_steps) - 1).bit_length())
 
 
 # ----------------------------------------------------------------------------- training
@@ -378,9 +393,10 @@ class FoundationCodec(Codec):
                 return mod.entropy.table_indexes(scales)
             return m.apply({"params": params["model"]}, method=f)
 
-        def synthesize(params, z_sym, gamma, t):
+        def synthesize(params, z_sym, gamma, t, k):
             y_hat = affine_inverse(z_sym, gamma)
-            y0 = bb.denoise(params["unet"], y_hat, t, num_steps, bb.context(params, z_sym.shape[0]))
+            y0 = bb.denoise(params["unet"], y_hat, t, k, bb.context(params, z_sym.shape[0]),
+                            max_steps=num_steps)
             x = bb.decode(params["vae"], y0)
             return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)
 
@@ -389,14 +405,17 @@ class FoundationCodec(Codec):
             jitted = jax.jit(fn)
         else:
             rep, bat = replicated(mesh), batch_sharding(mesh)
-            jitted = jax.jit(fn, in_shardings=(rep, bat, bat, bat), out_shardings=bat)
+            if name != "synthesize":
+                raise InputError("only the synthesis stage runs on a mesh")
+            jitted = jax.jit(fn, in_shardings=(rep, bat, bat, bat, rep), out_shardings=bat)
         self._jitted[key] = (jitted, mesh)  # keep the mesh alive while its id is a key
         return jitted
 
     # ----------------------------------------------------------------- steps
     def predicted_steps(self, t: float) -> int:
         """UNet calls a decode makes for side-information ``t``: ``max(1, ceil(t n))``."""
-        return max(1, int(math.ceil(float(np.float64(t)) * self.num_inference_steps - 1e-9)))
+        # 1e-6 absorbs float32 representation error (t = 0.1 -> 5 steps of 50, not 6)
+        return max(1, int(math.ceil(float(np.float64(t)) * self.num_inference_steps - 1e-6)))
 
     def _geometry(self, height: int, width: int):
         s, f = self.backbone.stride, self.backbone.vae_factor
@@ -501,7 +520,8 @@ class FoundationCodec(Codec):
                 if len(members) % n:
                     raise InputError(f"{len(members)} images of one size/step count do not "
                                      f"split over the mesh's {n} batch devices")
-            x = np.asarray(self._fn("synthesize", k, mesh)(params, z, gamma, ts))
+            x = np.asarray(self._fn("synthesize", steps_bucket(k), mesh)(
+                params, z, gamma, ts, np.int32(k)))
             for j, i in enumerate(members):
                 h = items[i]["header"]
                 out[i] = crop(x[j], h.height, h.width)

@@ -47,9 +47,20 @@ def _image(seed, h=40, w=56):
     return np.clip(127.5 + 100 * base + rng.normal(0, 8, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
+UNET_CALLS = []
+
+
 @pytest.fixture(scope="module")
 def codec():
-    return diffjax.codecs.get("foundation", quality=10, **CONFIG)
+    codec = diffjax.codecs.get("foundation", quality=10, **CONFIG)
+    inner = codec.backbone.unet_apply
+
+    def counted(p, x, t, ctx):  # counts UNet executions (inside jit / the DDIM loop)
+        jax.debug.callback(lambda: UNET_CALLS.append(1))
+        return inner(p, x, t, ctx)
+
+    codec.backbone.unet_apply = counted
+    return codec
 
 
 @pytest.fixture(scope="module")
@@ -93,40 +104,29 @@ def test_file_roundtrip_in_fresh_process_is_bit_identical(codec, params, stream,
     np.testing.assert_array_equal(np.load(tmp_path / "decoded.npy"), ours)
 
 
-def test_unet_calls_equal_predicted_step_count(params, stream):
-    codec = diffjax.codecs.get("foundation", quality=10, **CONFIG)  # fresh jit caches
-    calls = []
-    inner = codec.backbone.unet_apply
-
-    def counted(p, x, t, ctx):
-        jax.debug.callback(lambda: calls.append(1))
-        return inner(p, x, t, ctx)
-
-    codec.backbone.unet_apply = counted
+def test_unet_calls_equal_predicted_step_count(codec, params, stream):
     from diffjax.entropy import bitstream
     _, sections = bitstream.unpack(stream)
     t = float(np.frombuffer(sections[0][:2], "<f2")[0])  # the side information in the file
     assert 0.0 < t < 1.0
     expected = codec.predicted_steps(t)
     assert expected == max(1, int(np.ceil(t * codec.num_inference_steps)))
-    codec.decode(params, stream)
-    assert len(calls) == expected
-    for kwargs, n in (({"num_steps": 2}, 2), ({"t": 0.31}, codec.predicted_steps(0.31)),
+    for kwargs, n in (({}, expected), ({"num_steps": 2}, 2), ({"t": 0.1}, 5),
                       ({"t": 0.5, "num_steps": 1}, 1)):
-        calls.clear()
+        UNET_CALLS.clear()
         codec.decode(params, stream, **kwargs)
-        assert len(calls) == n, kwargs
+        assert len(UNET_CALLS) == n, kwargs
     assert codec.predicted_steps(0.31) == 16
 
 
 def test_overrides_change_the_output(codec, params, stream):
     base = codec.decode(params, stream)
-    assert not np.array_equal(base, codec.decode(params, stream, t=0.6))
+    assert not np.array_equal(base, codec.decode(params, stream, t=0.12))
     assert not np.array_equal(base, codec.decode(params, stream, num_steps=1))
 
 
 def test_gradients_reach_estimator_through_t_and_gamma(codec, params):
-    x = jnp.asarray(np.stack([_image(1, 32, 32), _image(2, 32, 32)]) / 255.0, jnp.float32)
+    x = jnp.asarray(_image(1, 32, 32)[None] / 255.0, jnp.float32)
     c = codec.backbone.latent_channels
 
     def loss(model_params):
@@ -148,12 +148,14 @@ def test_sharded_decode_equals_single_device(codec, params):
     assert jax.device_count() == 8
     images = [_image(10 + i, 32, 32) for i in range(8)]
     datas = codec.encode_batch(params, images)
-    single = codec.decode_batch(params, datas)
     sharded = codec.decode_batch(params, datas, mesh=make_mesh({"data": -1, "fsdp": 1}))
-    for a, b in zip(single, sharded):
-        np.testing.assert_array_equal(a, b)
-    # batching does not change the result either
-    np.testing.assert_array_equal(single[3], codec.decode(params, datas[3]))
+    # each device decodes one image: bit-identical to decoding the images one by one
+    for data, got in zip(datas, sharded):
+        np.testing.assert_array_equal(got, codec.decode(params, data))
+    # one batched single-device call: the same up to float reassociation in batched convs
+    batched = np.stack(codec.decode_batch(params, datas)).astype(int)
+    diff = np.abs(batched - np.stack(sharded))
+    assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -168,20 +170,33 @@ def toy_backbone():
 def test_partial_ddim_matches_diffusion_core_ddim(toy_backbone):
     """t = 1 with k steps is a full DDIM run on the "trailing" grid (timesteps 999, 979, ...)."""
     y = jax.random.normal(jax.random.key(1), (2, 4, 4, 4))
-    ours = toy_backbone.denoise(None, y, jnp.ones(2), 50, None)
+    ours = jax.jit(lambda y: toy_backbone.denoise(None, y, jnp.ones(2), 50, None))(y)
     cfg = dict(SCHED, timestep_spacing="trailing", set_alpha_to_one=True)
-    ref = sample(lambda x, t: toy_backbone.unet_apply(None, x, jnp.full((2,), t), None),
-                 toy_backbone.schedule.alpha(1.0) * y, scheduler_config=cfg, sampler="ddim",
-                 num_inference_steps=50)
+    ref = jax.jit(lambda y: sample(
+        lambda x, t: toy_backbone.unet_apply(None, x, jnp.full((2,), t), None),
+        toy_backbone.schedule.alpha(1.0) * y, scheduler_config=cfg, sampler="ddim",
+        num_inference_steps=50))(y)
     np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_bucketed_loop_equals_exact_plan(toy_backbone):
+    """k steps inside an 8-step compiled loop (traced k) == a plan of exactly k steps."""
+    y = jax.random.normal(jax.random.key(3), (2, 4, 4, 4))
+    t = jnp.array([0.05, 0.2])
+    run = jax.jit(lambda k: toy_backbone.denoise(None, y, t, k, None, max_steps=8))
+    exact = jax.jit(lambda k: toy_backbone.denoise(None, y, t, k, None), static_argnums=0)
+    for k in (1, 3, 8):
+        np.testing.assert_allclose(run(k), exact(k), atol=1e-6, rtol=1e-6)
 
 
 def test_one_step_decode_is_the_training_x0_step(toy_backbone):
     y = jax.random.normal(jax.random.key(2), (3, 4, 4, 4))
     t = jnp.array([0.02, 0.05, 0.3])
-    one = toy_backbone.denoise(None, y, t, 1, None)
-    np.testing.assert_allclose(one, toy_backbone.x0_step(None, y, t, None), atol=1e-5, rtol=1e-5)
-    assert not np.allclose(one, toy_backbone.denoise(None, y, t, 3, None))
+    steps = jax.jit(lambda k: toy_backbone.denoise(None, y, t, k, None), static_argnums=0)
+    one = steps(1)
+    np.testing.assert_allclose(one, jax.jit(lambda: toy_backbone.x0_step(None, y, t, None))(),
+                               atol=1e-5, rtol=1e-5)
+    assert not np.allclose(one, steps(3))
 
 
 def test_bad_streams_and_arguments(codec, params, stream):
