@@ -51,6 +51,7 @@ from diffjax.errors import InputError
 
 PRECISION = 24  # constriction's default ANS precision; our integer tables use the same
 MAX_ABS_SYMBOL = 1 << 30
+CHECKSUM_BITS = 32  # every stream ends with the CRC32 of its symbols
 _EXP_SIZE = 33  # escape exponents n in 0..32
 _CHUNK = 16
 
@@ -127,7 +128,7 @@ class CdfTable:
         f = self.freqs[idx, main]
         n = _exponents(w)
         return float(np.sum(self.precision - np.log2(f)) + esc.sum() * np.log2(_EXP_SIZE)
-                     + n.sum() + 32)
+                     + n.sum() + CHECKSUM_BITS)
 
 
 def _check(symbols, indexes, table: CdfTable):

@@ -28,6 +28,7 @@ in]``; ``bias{i}``/``factor{i}`` ``[C, out]``; ``quantiles`` ``[C, 3]``).
 """
 from __future__ import annotations
 
+import functools
 import math
 from types import SimpleNamespace
 from typing import Any, Optional, Sequence
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.special
 
-from diffjax.entropy.coder import CdfTable
+from diffjax.entropy.coder import PRECISION, CdfTable
 from diffjax.entropy.quantize import lower_bound, quantize
 from diffjax.errors import InputError
 
@@ -247,14 +248,42 @@ class EntropyBottleneck(nn.Module):
         return jnp.sum(jnp.abs(logits - jnp.asarray([-target, 0.0, target], jnp.float32)))
 
 
+def escape_likelihood(symbols, idx, centers, escape_prob, likelihood):
+    """Coder-consistent likelihood: escaped symbols get the escape code's probability.
+
+    A symbol ``v`` outside row ``k`` (``|v| > centers[k]``) costs the escape entry
+    (``escape_prob[k]``, the integer table's frequency / 2^precision), a uniform exponent
+    ``n`` over 33 values and ``n`` raw bits (``diffjax.entropy.coder``):
+    ``p = escape_prob[k] / 33 / 2^n``. In-range entries keep ``likelihood``, floored at
+    the table's smallest probability ``2^-precision`` (every entry has frequency >= 1).
+    """
+    likelihood = jnp.maximum(likelihood, 2.0**-PRECISION)
+    a = jnp.abs(symbols)
+    c = centers[idx].astype(jnp.float32)
+    w = jnp.where(symbols < 0, 2.0 * (a - c) - 1.0, 2.0 * (a - c - 1.0))
+    _, e = jnp.frexp(jnp.maximum(w, 0.0) + 1.0)  # w + 1 = m 2^e, m in [0.5, 1): n = e - 1
+    p = escape_prob[idx] / 33.0 * jnp.exp2(-(e - 1).astype(jnp.float32))
+    return jnp.where(a > c, p, likelihood)
+
+
+@functools.lru_cache(maxsize=16)
+def _escape_tables(scale_table: tuple, tail_mass: float, family: str):
+    """(row half-widths [K] int32, escape probabilities [K] float32) of the coder table."""
+    t = gaussian_table(scale_table, tail_mass, family)
+    esc = t.freqs[np.arange(t.num_indexes), t.lengths] / float(1 << t.precision)
+    return (-t.offsets).astype(np.int32), esc.astype(np.float32)
+
+
 class GaussianConditional(nn.Module):
     """Conditional Gaussian (or Laplace) model of ``y`` given scales (and means).
 
     ``__call__(y, scales, means=None, *, train, mode=None) -> (y_hat, likelihoods)``.
     Training: noise/ste/mixed quantisation (``"noise"`` RNG stream), continuous scales.
-    Evaluation: mean-offset rounding; with ``eval_table_scales`` the scales are snapped to
-    the scale table exactly as the coder does, so the rate is the coder's. Has no
-    parameters.
+    Evaluation: mean-offset rounding; with ``eval_table_scales`` (default) the scales are
+    snapped to the scale table exactly as the coder does and escaped symbols get the
+    escape code's probability (:func:`escape_likelihood`), so the evaluation rate is the
+    coder's ideal code length; ``eval_table_scales=False`` is CompressAI's evaluation
+    (continuous scales). Has no parameters.
     """
 
     scale_table: tuple = DEFAULT_SCALE_TABLE
@@ -268,6 +297,12 @@ class GaussianConditional(nn.Module):
     def table_indexes(self, scales: jax.Array) -> jax.Array:
         return scale_indexes(scales, self.scale_table, self.scale_bound)
 
+    def _coded_likelihood(self, symbols, idx, likelihood):
+        """Replace the likelihood of escaped symbols by the coder's escape cost."""
+        centers, esc = _escape_tables(tuple(self.scale_table), self.tail_mass, self.family)
+        return escape_likelihood(symbols, idx, jnp.asarray(centers), jnp.asarray(esc),
+                                 likelihood)
+
     def __call__(self, y, scales, means=None, *, train: bool, mode: Optional[str] = None):
         chex.assert_equal_shape([y, scales] + ([means] if means is not None else []))
         mode = mode or ("noise" if train else "round")
@@ -276,13 +311,16 @@ class GaussianConditional(nn.Module):
         rng = self.make_rng("noise") if mode in ("noise", "mixed") else None
         y_rate, y_dec = quantize(y32, mode, rng=rng, offset=means32)
         scales = scales.astype(jnp.float32)
-        if not train and self.eval_table_scales:
-            table = jnp.asarray(np.asarray(self.scale_table, np.float32))
-            scales = table[self.table_indexes(scales)]
+        coded = not train and self.eval_table_scales
+        if coded:
+            idx = self.table_indexes(scales)
+            scales = jnp.asarray(np.asarray(self.scale_table, np.float32))[idx]
         scales = lower_bound(scales, self.scale_bound)
         values = y_rate if means32 is None else y_rate - means32
         likelihood = conditional_likelihood(values, scales, self.family)
         likelihood = lower_bound(likelihood, self.likelihood_bound)
+        if coded:
+            likelihood = self._coded_likelihood(jnp.round(values), idx, likelihood)
         return y_dec.astype(self.dtype), likelihood
 
 

@@ -117,7 +117,9 @@ class HyperpriorModel(nn.Module):
 
     Fields: ``N`` (hidden width), ``M`` (latent ``y`` channels), ``mean_scale``,
     ``scale_table`` (Gaussian conditional), ``train_quantization`` (``"noise"``,
-    ``"ste"`` or ``"mixed"``; evaluation always rounds), ``dtype``/``param_dtype``.
+    ``"ste"`` or ``"mixed"``; evaluation always rounds), ``eval_table_scales`` (evaluation
+    rates with the coder's table scales, default; False gives CompressAI's continuous-scale
+    evaluation), ``dtype``/``param_dtype``.
     """
 
     N: int = 128
@@ -125,6 +127,7 @@ class HyperpriorModel(nn.Module):
     mean_scale: bool = False
     scale_table: tuple = DEFAULT_SCALE_TABLE
     train_quantization: str = "noise"
+    eval_table_scales: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -136,7 +139,8 @@ class HyperpriorModel(nn.Module):
         self.h_a = _Stack(specs["h_a"], **kw)
         self.h_s = _Stack(specs["h_s"], **kw)
         self.entropy_bottleneck = EntropyBottleneck(self.N, **kw)
-        self.gaussian_conditional = GaussianConditional(self.scale_table, dtype=self.dtype)
+        self.gaussian_conditional = GaussianConditional(
+            self.scale_table, eval_table_scales=self.eval_table_scales, dtype=self.dtype)
 
     # The pieces, for codecs and for models built on top (residual codec).
     def analysis(self, x: jax.Array) -> jax.Array:

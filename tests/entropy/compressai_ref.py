@@ -76,3 +76,27 @@ def import_compressai():
         for name in [n for n, m in sys.modules.items() if isinstance(m, _StubModule)]:
             del sys.modules[name]
     return compressai
+
+
+def coded_likelihood_reference(likelihood, symbols, indexes, table):
+    """Numpy reference of the coder-consistent evaluation likelihood (float64).
+
+    ``likelihood``: a reference likelihood at the table scales (e.g. CompressAI's);
+    in-range symbols are floored at the smallest table probability, escaped ones get the
+    escape cost computed with exact integer arithmetic from the integer ``table``.
+    """
+    import numpy as np
+
+    sym = np.asarray(symbols, np.int64)
+    idx = np.asarray(indexes, np.int64)
+    p_min = 2.0 ** -table.precision
+    out = np.maximum(np.asarray(likelihood, np.float64), p_min)
+    v = sym - table.offsets[idx]
+    length = table.lengths[idx]
+    esc = (v < 0) | (v >= length)
+    w = np.where(v < 0, -2 * v - 1, 2 * (v - length))
+    n = np.zeros_like(w)
+    for b in range(1, 34):
+        n += ((w + 1) >> b) > 0
+    p_esc = table.freqs[idx, length] * p_min / 33.0 / 2.0**n
+    return np.where(esc, p_esc, out), esc

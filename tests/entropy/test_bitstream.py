@@ -12,6 +12,7 @@ import pytest
 
 import diffjax
 from diffjax.entropy import bitstream as B
+from fuzz import fields, fuzz_cases, run_fuzz
 
 FP = bytes(range(16))
 SECTIONS = [b"meta-data", bytes(np.random.default_rng(0).integers(0, 256, 300, np.uint8)), b""]
@@ -66,87 +67,9 @@ def test_foreign_files():
         B.unpack(bytes(future))
 
 
-# Field -> (offset, size) in the version-1 header (edited by the fuzzer).
-FIELDS = {
-    "magic": (0, 4), "version": (4, 1), "codec_id": (5, 2), "quality": (7, 1),
-    "fingerprint": (8, 16), "frames": (24, 4), "height": (28, 4), "width": (32, 4),
-    "channels": (36, 1), "num_sections": (37, 1), "payload_crc": (38, 4),
-    "lengths": (42, 12), "header_crc": (54, 4),
-}
-
-
-def expected_error(original: bytes, bad: bytes):
-    """The error the documented check order (bitstream module docstring) assigns."""
-    n = len(bad)
-    if bad[:4] != B.MAGIC[: len(bad[:4])]:
-        return B.CorruptError
-    if n < 5:
-        return B.TruncatedError
-    if bad[4] != B.VERSION:
-        return B.UnknownVersionError
-    if n < B.FIXED_SIZE:
-        return B.TruncatedError
-    if not 1 <= bad[37] <= B.MAX_SECTIONS:
-        return B.CorruptError
-    hsize = B.header_size(bad[37])
-    if n < hsize:
-        return B.TruncatedError
-    if bad[:hsize] != original[:hsize]:
-        return B.CorruptError  # any header edit breaks the header CRC
-    if n < len(original):
-        return B.TruncatedError
-    return B.CorruptError  # trailing bytes or payload CRC
-
-
-def fuzz_cases(data: bytes, n: int, seed: int):
-    """Truncations, bit flips, random bytes and header field edits (seeded)."""
-    rng = np.random.default_rng(seed)
-    cases = [data[:k] for k in range(len(data))]  # every truncation
-    for _ in range(n):
-        kind = rng.integers(0, 4)
-        if kind == 0:  # 1-8 bit flips anywhere
-            b = bytearray(data)
-            for _ in range(rng.integers(1, 9)):
-                b[rng.integers(len(b))] ^= 1 << rng.integers(8)
-            cases.append(bytes(b))
-        elif kind == 1:  # random bytes, sometimes behind a valid magic
-            junk = rng.bytes(int(rng.integers(0, 2 * len(data))))
-            cases.append(junk if rng.random() < 0.5 else B.MAGIC + junk)
-        elif kind == 2:  # one header field set to another random value
-            off, size = list(FIELDS.values())[rng.integers(len(FIELDS))]
-            b = bytearray(data)
-            new = rng.bytes(size)
-            while new == bytes(b[off:off + size]):
-                new = rng.bytes(size)
-            b[off:off + size] = new
-            cases.append(bytes(b))
-        else:  # insert or delete a chunk in the payload
-            pos = int(rng.integers(58, len(data)))
-            cases.append(data[:pos] + rng.bytes(int(rng.integers(1, 9))) + data[pos:]
-                         if rng.random() < 0.5 else data[:pos] + data[pos + 1:])
-    return cases
-
-
-def run_fuzz(decode, data: bytes, cases, per_case_s: float):
-    """Every case must raise its expected error within ``per_case_s``; returns stats."""
-    worst, counts = 0.0, {}
-    for bad in cases:
-        if bad == data:
-            continue
-        want = expected_error(data, bad)
-        start = time.perf_counter()
-        with pytest.raises(want):
-            decode(bad)
-        took = time.perf_counter() - start
-        worst = max(worst, took)
-        assert took < per_case_s, (took, bad[:64])
-        counts[want.__name__] = counts.get(want.__name__, 0) + 1
-    return worst, counts
-
-
 def test_header_field_edits_raise_the_documented_error():
     data = _file()
-    for name, (off, size) in FIELDS.items():
+    for name, (off, size) in fields(len(SECTIONS)).items():
         b = bytearray(data)
         b[off] ^= 0x40
         want = {"magic": B.CorruptError, "version": B.UnknownVersionError}.get(name)
