@@ -5,9 +5,11 @@ Each sampler has two halves:
 * ``plan(config, n)`` (host, numpy, static): the inference timesteps and every per-step
   constant, built exactly as the matching diffusers scheduler builds them (same spacing
   rules, same float32 tables), so a diffusers ``scheduler_config.json`` behaves identically;
-* ``step(tab, i, x, model_output, carry, noise, first, eta)`` (jittable): one update of the
-  working sample ``x``, with ``tab`` the plan's tables as arrays and ``i`` a (traced) step
-  index. It returns the next sample, the ``x_0`` estimate and the multistep carry.
+* ``step(plan, tab, i, x, model_output, carry, noise, first, eta)`` (jittable): one update of
+  the working sample ``x``, with ``tab = plan.arrays()`` (the tables as arrays), ``i`` a
+  (traced) step index, ``first`` whether ``i`` is the first step run (multistep solvers
+  restart at order 1) and ``noise`` the step's fresh noise (``None`` for deterministic
+  samplers). It returns the next sample, the ``x_0`` estimate and the multistep carry.
 
 Working spaces: DDPM, DDIM and DPM-Solver++ work on the variance-preserving sample
 ``x_t = alpha x_0 + sigma eps``; the Euler samplers work in Karras et al. (2022) space

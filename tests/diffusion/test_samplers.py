@@ -44,7 +44,7 @@ def noise():
     return np.asarray(jax.random.normal(jax.random.PRNGKey(1), SHAPE))
 
 
-def _compare(name, config, n, x_vp, *, start=0, eta=0.0, full_run=False):
+def _compare(name, config, n, x_vp, *, start=0, eta=0.0, full_run=False, tol=TOL):
     """Run both sides; assert every intermediate sample and x0 estimate agree."""
     plan = make_plan(config, name, n)
     stochastic = SAMPLERS[name].stochastic(plan.config, eta)
@@ -60,15 +60,17 @@ def _compare(name, config, n, x_vp, *, start=0, eta=0.0, full_run=False):
         x_work = x_vp * plan.scale[start]
     np.testing.assert_allclose(x_vp * plan.scale[start], x_work, rtol=1e-6, atol=1e-6)
     sch, xs, x0s = run_diffusers(name, config, n, x_work, start=start, noises=noises, eta=eta)
-    np.testing.assert_array_equal(plan.timesteps, sch.timesteps.numpy().astype(np.float32))
+    # equal, up to torch's float32 log for the continuous (0.25 log sigma) Euler timesteps
+    np.testing.assert_allclose(plan.timesteps, sch.timesteps.numpy().astype(np.float32),
+                               rtol=2e-6, atol=0)
     assert traj["x"].shape == (plan.num_steps - start,) + SHAPE
     for k, (ref_x, ref_x0) in enumerate(zip(xs, x0s)):
         i = start + k
         np.testing.assert_allclose(np.asarray(traj["x"][k]) * plan.scale[i + 1], ref_x,
-                                   err_msg=f"{name} step {i}", **TOL)
+                                   err_msg=f"{name} step {i}", **tol)
         if ref_x0 is not None:
-            np.testing.assert_allclose(traj["x0"][k], ref_x0, err_msg=f"{name} x0 {i}", **TOL)
-    np.testing.assert_allclose(final, xs[-1] / plan.scale[-1], **TOL)
+            np.testing.assert_allclose(traj["x0"][k], ref_x0, err_msg=f"{name} x0 {i}", **tol)
+    np.testing.assert_allclose(final, xs[-1] / plan.scale[plan.num_steps], **tol)
     assert np.isfinite(xs[-1]).all() and np.abs(xs[-1]).max() > 0.1  # a non-trivial run
 
 
@@ -138,14 +140,21 @@ def test_parity_dpm_options_slow(config, noise):
     _compare("dpmsolver++", config, 12, noise, full_run=True)
 
 
+# Zero terminal SNR in Karras space: diffusers sets alpha_bar[-1] = 2^-24, so sigma_max = 4096
+# and the first x0 = x - sigma * eps cancels terms of size 4096 |eps|: float32 resolves it to
+# about 4096 * 2^-24 * |x| ~ 1e-3, in diffusers as here. The tolerance says so.
+ZSNR_TOL = dict(rtol=1e-5, atol=4096 * 2.0 ** -24 * 16)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("config", [
-    dict(SD21, timestep_type="continuous"), dict(SD21_BASE, interpolation_type="log_linear"),
-    dict(SD21_BASE, use_exponential_sigmas=True), dict(SD21, rescale_betas_zero_snr=True,
-                                                       timestep_spacing="trailing"),
+@pytest.mark.parametrize("config,tol", [
+    (dict(SD21, timestep_type="continuous"), TOL),
+    (dict(SD21_BASE, interpolation_type="log_linear"), TOL),
+    (dict(SD21_BASE, use_exponential_sigmas=True), TOL),
+    (dict(SD21, rescale_betas_zero_snr=True, timestep_spacing="trailing"), ZSNR_TOL),
 ])
-def test_parity_euler_options_slow(config, noise):
-    _compare("euler", config, 10, noise, full_run=True)
+def test_parity_euler_options_slow(config, tol, noise):
+    _compare("euler", config, 10, noise, full_run=True, tol=tol)
 
 
 def test_defaults_match_diffusers_signatures():
