@@ -15,6 +15,7 @@ import functools
 import pathlib
 from typing import Any, Callable, Mapping
 
+import flax
 import jax
 import numpy as np
 
@@ -75,27 +76,40 @@ def _progress(desc: str, enabled: bool) -> Callable | None:
     return lambda items: tqdm(items, desc=desc, unit="tensor", leave=False)
 
 
-def convert_source(module, source: TensorSource, *, layout: str = "diffusers", prefix: str = "",
-                   dtype=None, progress: bool = False, what: str = "checkpoint") -> dict:
-    """Convert the tensors of ``source`` for ``module`` (strict); numpy params dict.
+def plan_source(module, source: TensorSource, *, layout: str = "diffusers", prefix: str = "",
+                what: str = "checkpoint") -> list[mapping.Entry]:
+    """Check every key and shape of ``source`` against ``module`` without reading any data.
 
     ``layout="ldm"`` reads original-SD names under ``prefix`` (other keys are ignored: they
-    belong to other components, e.g. the text encoder).
+    belong to other components, e.g. the text encoder). Raises
+    :class:`~diffjax.convert.mapping.CheckpointMismatchError` listing every bad key.
     """
     keys = [k for k in source.keys() if k.startswith(prefix)]
     rename = None
     if layout == "ldm":
-        kind = "unet" if isinstance(module, UNet2DConditionModel) else "vae"
         config = module.to_config()
-        rename = ldm.unet_renamer(config) if kind == "unet" else ldm.vae_renamer(config)
+        rename = (ldm.unet_renamer(config) if isinstance(module, UNet2DConditionModel)
+                  else ldm.vae_renamer(config))
     elif layout != "diffusers":
         raise InputError(f"unknown checkpoint layout {layout!r}")
     if not keys:
         raise CheckpointError(f"{what} has no tensors" + (f" under {prefix!r}" if prefix else ""))
-    entries = mapping.plan([(k[len(prefix):], source.shape(k)) for k in keys],
-                           param_template(module), rename=rename, what=what)
+    return mapping.plan([(k[len(prefix):], source.shape(k)) for k in keys],
+                        param_template(module), rename=rename, what=what)
+
+
+def read_source(entries: list[mapping.Entry], source: TensorSource, *, prefix: str = "",
+                dtype=None, progress: bool = False, what: str = "checkpoint") -> dict:
+    """Read the planned tensors one by one into a nested dict of numpy arrays."""
     return mapping.build_tree(entries, lambda k: source.read(prefix + k), dtype=dtype,
                               progress=_progress(f"converting {what}", progress))
+
+
+def convert_source(module, source: TensorSource, *, layout: str = "diffusers", prefix: str = "",
+                   dtype=None, progress: bool = False, what: str = "checkpoint") -> dict:
+    """:func:`plan_source` then :func:`read_source`: strict conversion to numpy params."""
+    entries = plan_source(module, source, layout=layout, prefix=prefix, what=what)
+    return read_source(entries, source, prefix=prefix, dtype=dtype, progress=progress, what=what)
 
 
 def convert_diffusers_state_dict(config: Mapping[str, Any], state_dict, *,
@@ -222,8 +236,6 @@ def load_pretrained(path: str | pathlib.Path, component: str | None = None, *,
     template = param_template(module)
     with _checkpointer() as ckptr:
         stored = ckptr.metadata(path).item_metadata["params"].tree
-        import flax
-
         flat = flax.traverse_util.flatten_dict(stored)
         mismatch = [f"{'/'.join(p)}: stored {tuple(m.shape)}, model expects {tuple(template[p].shape)}"
                     for p, m in flat.items() if p in template and tuple(m.shape) != tuple(template[p].shape)]

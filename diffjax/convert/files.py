@@ -139,6 +139,8 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, config: str | N
             else _jobs_for_file(src, dst, config, component))
     written = []
     try:
+        # Check every model completely before reading or writing anything.
+        planned = []
         for comp, cfg, source, layout, prefix, out, prediction in jobs:
             overrides = {}
             if comp == "unet":
@@ -149,17 +151,20 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, config: str | N
                         "(pass --prediction-type v_prediction for v-models such as SD 2.1 768)")
                 overrides["prediction_type"] = pred
             module = core.build_model(cfg, core.COMPONENTS[comp], **overrides)
-            params = core.convert_source(module, source, layout=layout, prefix=prefix,
-                                         dtype=dtype, progress=progress, what=f"{src.name} {comp}")
+            what = f"{src.name} {comp}"
+            entries = core.plan_source(module, source, layout=layout, prefix=prefix, what=what)
+            planned.append((comp, module, entries, source, layout, prefix, out, what))
+        for comp, module, entries, source, layout, prefix, out, what in planned:
+            params = core.read_source(entries, source, prefix=prefix, dtype=dtype,
+                                      progress=progress, what=what)
             leaves = jax.tree.leaves(params)
             n = sum(int(np.prod(x.shape)) for x in leaves)
             size = sum(x.nbytes for x in leaves)
             core.save_pretrained(out, module, params, overwrite=overwrite, metadata={
                 "source": str(src.absolute()), "component": comp, "layout": layout,
-                "prediction_type": overrides.get("prediction_type")})
+                "prediction_type": getattr(module, "prediction_type", None)})
             del params, leaves
-            log(f"{comp}: {n / 1e6:.2f} M parameters, "
-                f"{size / 2**20:.1f} MiB -> {out}")
+            log(f"{comp}: {n / 1e6:.2f} M parameters, {size / 2**20:.1f} MiB -> {out}")
             written.append(out)
     finally:
         for source in {id(j[2]): j[2] for j in jobs}.values():

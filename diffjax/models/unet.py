@@ -116,8 +116,13 @@ class UNet2DConditionModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **overrides) -> "UNet2DConditionModel":
-        """Build from a diffusers ``config.json`` dict; ``overrides`` e.g. ``dtype=jnp.bfloat16``."""
-        return _config.from_config(cls, config, **overrides)
+        """Build from a diffusers ``config.json`` dict; ``overrides`` e.g. ``dtype=jnp.bfloat16``.
+
+        Unsupported or inconsistent configs raise :class:`InputError` here already.
+        """
+        module = _config.from_config(cls, config, **overrides)
+        module.validate()
+        return module
 
     def to_config(self) -> dict:
         """JSON-able config (diffusers keys + ``prediction_type``)."""

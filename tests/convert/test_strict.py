@@ -7,6 +7,8 @@ CLI, where nothing may be written.
 from __future__ import annotations
 
 import json
+import pathlib
+import shutil
 
 import pytest
 import torch
@@ -124,3 +126,18 @@ def test_bad_sources_and_configs(vae_state, tmp_path):
         convert(single, tmp_path / "dst", config="sd15", log=lambda s: None)
     with pytest.raises(CheckpointError, match="not a diffjax model directory"):
         load_pretrained(tmp_path / "dst")
+
+
+def test_pipeline_with_one_bad_model_writes_nothing(tmp_path, capsys):
+    """The UNet is fine, the VAE lacks a key: the error comes before anything is written."""
+    from safetensors.numpy import load_file, save_file as save_numpy
+
+    sample = pathlib.Path(__file__).resolve().parents[2] / "data" / "sample_tiny_sd"
+    src = shutil.copytree(sample, tmp_path / "pipe")
+    weights = src / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    del state["encoder.mid_block.attentions.0.to_v.weight"]
+    save_numpy(state, str(weights))
+    assert main(["convert", str(src), str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "encoder/mid_block/attentions_0/to_v/kernel" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -111,10 +111,12 @@ def test_logical_axis_annotations():
     ({"block_out_channels": (16, 32, 64)}, "same length"),
 ])
 def test_unsupported_configs_are_clear_errors(bad, match):
-    unet = UNet2DConditionModel.from_config({**CONFIG, **bad})
     with pytest.raises(InputError, match=match):
-        args, kwargs = unet.dummy_inputs()
-        jax.eval_shape(unet.init, jax.random.PRNGKey(0), *args, **kwargs)
+        UNet2DConditionModel.from_config({**CONFIG, **bad})
+    unet = UNet2DConditionModel(**{**CONFIG, **bad})  # built directly: fails at init
+    with pytest.raises(InputError, match=match):
+        jax.eval_shape(unet.init, jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 4)), 1,
+                       jnp.zeros((1, 7, 24)))
 
 
 def test_bad_inputs_are_clear_errors(sd21):
