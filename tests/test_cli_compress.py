@@ -5,6 +5,7 @@ The model is saved both as a model folder and as an Orbax training workdir, the 
 ``tests/codecs/test_residual_weights.py``.
 """
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -27,13 +28,9 @@ def _photo(h, w, seed=0):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from diffjax.codecs.residual import ResidualCodec
-
-    params = ResidualCodec(**CFG).init(jax.random.PRNGKey(3))
-    path = tmp_path_factory.mktemp("model")
-    pretrained.save_model(path, CFG, params, lmbdas=[0.002, 0.02], default_steps=2, step=0)
-    return path
+def model_dir():
+    """A model folder with tiny random-init weights (see tests/codecs/test_residual.py)."""
+    return pathlib.Path(__file__).parent / "codecs" / "data" / "residual_tiny"
 
 
 def _run(capsys, *argv):
@@ -82,7 +79,7 @@ def test_round_trip_rgb_gray_rgba(model_dir, tmp_path, capsys):
 
 def test_errors_are_one_line(model_dir, tmp_path, capsys):
     (tmp_path / "notimage.png").write_bytes(b"this is not a png")
-    Image.fromarray(np.zeros((8, 8), np.uint16), "I;16").save(tmp_path / "deep.png")
+    Image.fromarray(np.zeros((8, 8), np.uint16)).save(tmp_path / "deep.png")
     Image.fromarray(_photo(20, 20)).save(tmp_path / "ok.png")
     (tmp_path / "bad.djx").write_bytes(b"DJXB\x01garbage")
     cases = [

@@ -88,7 +88,8 @@ def _load_folder(path: pathlib.Path) -> LoadedModel:
         params = serialization.msgpack_restore((path / "params.msgpack").read_bytes())
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"cannot read the model in {str(path)!r}: {err}") from err
-    return LoadedModel(config, params, {k: v for k, v in info.items() if k != "model"}, str(path))
+    return LoadedModel(config, _device(params), {k: v for k, v in info.items() if k != "model"},
+                       str(path))
 
 
 def _config_from_training(cfg: dict) -> tuple[dict, dict]:
@@ -120,7 +121,15 @@ def _load_workdir(path: pathlib.Path) -> LoadedModel:
     params = _to_numpy(state["params"])
     config, info = _config_from_training(cfg)
     info.update(step=steps[-1], default_steps=4, codec="residual")
-    return LoadedModel(config, params, info, str(path))
+    return LoadedModel(config, _device(params), info, str(path))
+
+
+def _device(tree: Any) -> Any:
+    """jax arrays: the codec caches its derived tables by the identity of these leaves."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
 
 
 def _to_numpy(tree: Any) -> Any:

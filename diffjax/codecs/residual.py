@@ -7,15 +7,16 @@ diffusion UNet conditioned on the decoded latent predicts the residual ``x − x
 few deterministic DDIM steps, adding realistic detail.
 
 **Encode** (``quality`` q in 1..Q): fold the gains of q into plain hyperprior parameters
-(:func:`~diffjax.models.refiner.fold_quality`) and run the hyperprior codec; its three
-sections (checksums, z, y) become sections 0-2 here. Section 3 is one byte: the number of
-refinement steps the sender asks for (0 = base only). Grayscale inputs are coded as RGB
-(channels = 1 in the header, the decoder returns one channel); RGBA inputs code the colour
-as above and the **alpha plane losslessly** (zlib, section 4; channels = 4).
+(:func:`~diffjax.models.refiner.fold_quality`) and run the hyperprior codec; its sections
+(the z and y streams) come first here, followed by one byte: the number of refinement
+steps the sender asks for (0 = base only). Grayscale inputs are coded as RGB (channels = 1
+in the header, the decoder returns one channel); RGBA inputs code the colour as above and
+the **alpha plane losslessly** (zlib, a last section; channels = 4).
 
-**Decode**: sections 0-2 give ``ŷ`` and ``x̂_base`` exactly as the hyperprior decoder does;
+**Decode**: the hyperprior sections are decoded by the hyperprior codec itself (``x̂_base``,
+with all its checks) and once more up to ``ŷ`` for the refiner's condition;
 with ``steps > 0`` the refiner runs a deterministic DDIM (eta = 0, x0-prediction) from
-``r_T ~ N(0, I)`` drawn with ``PRNGKey(payload CRC32)``: the noise is derived from the file
+``r_T ~ N(0, I)`` drawn with ``fold_in(PRNGKey(0), payload CRC32)``: the noise is derived from the file
 itself, so a file always decodes to the same image on a given platform, with no seed to
 store. The fingerprint covers all parameters (base, gains, refiner) and the configuration.
 
@@ -34,10 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.codecs.base import Codec, crop, fingerprint_pytree, register
-from diffjax.codecs.hyperprior import _META, HyperpriorCodec, _crc
+from diffjax.codecs.base import Codec, crop, fingerprint_pytree, pad_to_multiple, register
+from diffjax.codecs.hyperprior import HyperpriorCodec
 from diffjax.entropy import bitstream, coder
-from diffjax.entropy.bitstream import CorruptError, WrongModelError
+from diffjax.entropy.bitstream import CorruptError
 from diffjax.errors import InputError
 
 DEFAULT_STEPS = 4
@@ -104,7 +105,8 @@ class ResidualCodec(Codec):
                 tt = jnp.full((r_t.shape[0],), t, jnp.float32)
                 return m.apply({"params": p}, r_t, tt, x_base, y_cond, qv, method="denoise")
 
-            noise = jax.random.normal(jax.random.PRNGKey(seed), x_base.shape, jnp.float32)
+            key = jax.random.fold_in(jax.random.PRNGKey(0), seed)  # seed: uint32 CRC
+            noise = jax.random.normal(key, x_base.shape, jnp.float32)
             r0 = sample(denoise, noise, scheduler_config=SCHEDULER_CONFIG, sampler="ddim",
                         num_inference_steps=num_steps)
             x = jnp.clip(x_base + r0 / s, 0.0, 1.0)
@@ -115,9 +117,12 @@ class ResidualCodec(Codec):
     # ----------------------------------------------------------------- parameters
     def init(self, rng: jax.Array, size: int = 64) -> dict:
         """Random parameters (the ``"params"`` collection)."""
+        import flax.linen as nn
+
         x = jnp.zeros((1, size, size, 3), jnp.float32)
-        return self.model.init({"params": rng, "noise": rng}, x, jnp.zeros((1,), jnp.int32),
-                               train=False)["params"]
+        init = jax.jit(lambda r: self.model.init({"params": r, "noise": r}, x,
+                                                 jnp.zeros((1,), jnp.int32), train=False))
+        return nn.meta.unbox(init(rng)["params"])
 
     def _prepared(self, params: Any) -> tuple:
         """``(fingerprint, {quality index: folded hyperprior params})``, cached by identity."""
@@ -162,29 +167,33 @@ class ResidualCodec(Codec):
         0 = base only, ``n`` = ``n`` DDIM refinement steps."""
         p, fp, folded = self._prepared(params)
         header, sections = bitstream.unpack(data, codec_id=self.codec_id, fingerprint=fp)
-        n_sec = 5 if header.channels == 4 else 4
-        if (header.frames != 1 or header.channels not in (1, 3, 4) or len(sections) != n_sec
-                or len(sections[0]) != _META.size or len(sections[3]) != _STEPS.size):
+        n_hp = len(sections) - 1 - (header.channels == 4)
+        if (header.frames != 1 or header.channels not in (1, 3, 4) or n_hp < 1
+                or len(sections[n_hp]) != _STEPS.size):
             raise CorruptError("residual bitstream has the wrong section layout")
         if not 1 <= header.quality <= self.model.num_qualities:
             raise CorruptError(f"quality {header.quality} outside 1..{self.model.num_qualities}")
         q = header.quality - 1
-        (stored_steps,) = _STEPS.unpack(sections[3])
+        (stored_steps,) = _STEPS.unpack(sections[n_hp])
         steps = check_steps(stored_steps if steps is None else steps)
-        x_base, y_hat = self._decode_base(folded[q], header, sections[:3])
+        # The base layer is a complete hyperprior stream: its decoder does every check.
+        hp_params = folded[q]
+        inner = bitstream.pack(self.base.codec_id, self.base.fingerprint(hp_params),
+                               sections[:n_hp], height=header.height, width=header.width)
+        x = self.base.decode(hp_params, inner)
         if steps:
-            y_cond = y_hat * np.asarray(p["inv_gain"])[q]
-            x = np.asarray(self._refine(p, x_base, y_cond, q, header.payload_crc, steps))
-        else:
-            x = x_base
-        x = crop(x[0], header.height, header.width)
+            y_cond = self._decoded_latent(hp_params, header, sections) * np.asarray(
+                p["inv_gain"])[q]
+            x_pad = pad_to_multiple(x, self.model.multiple)[None]
+            x = np.asarray(self._refine(p, x_pad, y_cond, q, np.uint32(header.payload_crc), steps))[0]
+        x = crop(x, header.height, header.width)
         if header.channels == 1:
             # Coded as R = G = B; return the luma the decoder reconstructs (BT.601).
             y = x.astype(np.float32) @ np.float32([0.299, 0.587, 0.114])
             return np.clip(np.round(y), 0, 255).astype(np.uint8)[..., None]
         if header.channels == 4:
             try:
-                alpha = np.frombuffer(zlib.decompress(sections[4]), np.uint8)
+                alpha = np.frombuffer(zlib.decompress(sections[-1]), np.uint8)
             except zlib.error as err:
                 raise CorruptError(f"alpha plane does not decompress: {err}") from err
             if alpha.size != header.height * header.width:
@@ -192,27 +201,17 @@ class ResidualCodec(Codec):
             x = np.concatenate([x, alpha.reshape(header.height, header.width, 1)], axis=-1)
         return x
 
-    def _decode_base(self, hp_params, header, sections):
-        """The hyperprior decoder's steps, keeping ``ŷ`` (the refiner's condition).
-
-        Same checks as :meth:`HyperpriorCodec.decode_batch`; returns the padded uint8
-        ``x̂_base [1, Hp, Wp, 3]`` and ``ŷ [1, Hp/16, Wp/16, M]`` (gained domain).
-        """
+    def _decoded_latent(self, hp_params, header, sections) -> np.ndarray:
+        """``ŷ = symbols + μ`` ``[1, Hp/16, Wp/16, M]`` (gained domain): the hyperprior
+        decoder's first half (z stream -> ``h_s`` -> y stream), run after
+        :meth:`HyperpriorCodec.decode` has validated the same sections."""
         hp = self.base
         prep = hp._prepared(hp_params)
         z_shape, _ = hp._geometry(header.height, header.width)
-        z_sym = coder.decode(sections[1], hp._z_indexes(z_shape), prep.z_table)
-        z_crc, y_crc = _META.unpack(sections[0])
-        if _crc(z_sym) != z_crc:
-            raise CorruptError("hyper-latent symbols fail their checksum")
+        z_sym = coder.decode(sections[0], hp._z_indexes(z_shape), prep.z_table)
         idx, means = hp._hyper(hp_params, z_sym[None], prep.medians)
-        idx, means = np.asarray(idx), np.asarray(means)
-        y_sym = coder.decode(sections[2], idx[0], hp.y_table)[None]
-        if _crc(y_sym[0]) != y_crc:
-            raise WrongModelError("decoded latents fail their checksum: this decoder's "
-                                  "hyper-synthesis disagrees with the encoder's")
-        x = np.asarray(hp._synthesize(hp_params, y_sym, means))
-        return x, y_sym.astype(np.float32) + means
+        y_sym = coder.decode(sections[1], np.asarray(idx)[0], hp.y_table)
+        return y_sym[None].astype(np.float32) + np.asarray(means)
 
 
 def check_steps(steps: Any) -> int:

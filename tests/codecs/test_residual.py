@@ -3,13 +3,17 @@
 Tiny widths (N=8, M=12, refiner (8, 16)) and random parameters; the shipped weights are
 tested in ``test_residual_weights.py``.
 """
+import pathlib
+
 import numpy as np
 import pytest
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 
 import diffjax.codecs
+from diffjax.codecs import pretrained
 from diffjax.codecs.residual import ResidualCodec
 from diffjax.entropy import bitstream
 from diffjax.errors import BitstreamError, InputError
@@ -26,20 +30,33 @@ def _image(h, w, seed=0):
     return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
+TINY = pathlib.Path(__file__).parent / "data" / "residual_tiny"
+
+
 @pytest.fixture(scope="module")
 def setup():
+    """Codecs for (quality, steps) sharing one set of jitted functions, and the tiny
+    random-init parameters of ``data/residual_tiny`` (made by ``ResidualCodec.init`` with
+    ``PRNGKey(3)``, refiner output layer x20 so that refinement is visible; stored so the
+    tests do not pay the init compilation)."""
+    model = pretrained.load_model(TINY)
+    assert model.config == {**CFG, "refiner_channels": [8, 16], "refiner_layers": 1,
+                            "patch": 4, "residual_scale": 5.0}
     codecs = {(q, s): diffjax.codecs.get("residual", quality=q, steps=s, **CFG)
               for q in (1, 2) for s in (0, 2)}
-    params = codecs[(1, 0)].init(jax.random.PRNGKey(0))
-    # Random init leaves the refiner's output tiny; scale the last conv so refinement shows.
-    unet = dict(params["refiner"]["unet"])
-    unet["conv_out"] = jax.tree.map(lambda a: a * 20.0, unet["conv_out"])
-    params = {**params, "refiner": {"unet": unet}}
-    # Share the jitted functions: every codec object below reuses these compiled ones.
     c0 = codecs[(1, 0)]
     for c in codecs.values():
         c._refine, c.base = c0._refine, c0.base
-    return codecs, params
+    return codecs, model.params
+
+
+def test_init_matches_stored_tiny_model(setup):
+    """``ResidualCodec.init`` builds exactly the parameter tree of the stored asset."""
+    codecs, params = setup
+    abstract = jax.eval_shape(codecs[(1, 0)].init, jax.random.PRNGKey(3))
+    assert jax.tree.structure(abstract) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(abstract), jax.tree.leaves(params)):
+        assert a.shape == b.shape and a.dtype == b.dtype
 
 
 def test_registered():
@@ -81,7 +98,7 @@ def test_round_trip_base_and_refined(setup):
     # Base-only decode is exactly the plain hyperprior decode of the folded parameters.
     _, secs = bitstream.unpack(data)
     fp = codec.base.fingerprint(codec._prepared(params)[2][0])
-    inner = bitstream.pack(1, fp, secs[:3], height=70, width=90)
+    inner = bitstream.pack(1, fp, secs[:-1], height=70, width=90)
     np.testing.assert_array_equal(codec.base.decode(codec._prepared(params)[2][0], inner), base)
     # The refiner changes the image, and deterministically (noise seeded by the file).
     assert np.abs(refined.astype(int) - base.astype(int)).mean() > 0.5
@@ -132,9 +149,14 @@ def test_errors(setup):
     other = jax.tree.map(lambda a: a * 1.01, params)
     with pytest.raises(bitstream.WrongModelError):
         codec.decode(other, data)
-    hp = diffjax.codecs.get("hyperprior", N=8, M=12, mean_scale=True)
+    header, sections = bitstream.unpack(data)
+    foreign = bitstream.pack(1, header.fingerprint, sections, height=64, width=64)
     with pytest.raises(bitstream.WrongCodecError):
-        hp.decode(hp.init(jax.random.PRNGKey(1)), data)
+        codec.decode(params, foreign)
+    no_steps = bitstream.pack(2, header.fingerprint, sections[:-1], height=64, width=64,
+                              quality=1)
+    with pytest.raises(bitstream.CorruptError, match="layout"):
+        codec.decode(params, no_steps)
     with pytest.raises(InputError, match="quality"):
         diffjax.codecs.get("residual", quality=3, **CFG)
     with pytest.raises(InputError, match="steps"):
@@ -145,6 +167,7 @@ def test_errors(setup):
         codec.encode(params, np.zeros((8, 8, 2), np.uint8))
 
 
+@pytest.mark.slow
 def test_task_loss_and_gradients(setup):
     """The training loss is finite, every parameter group gets a gradient, and the
     refiner's x0-prediction loss on a fixed example goes down with a few Adam steps."""
@@ -156,7 +179,7 @@ def test_task_loss_and_gradients(setup):
     task = ResidualTask(lmbdas=(0.0018, 0.0483), rho=0.5, N=8, M=12,
                         refiner_channels=(8, 16), refiner_groups=4)
     spec = {"image": jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)}
-    params = task.init_params(jax.random.PRNGKey(0), spec)
+    params = flax.linen.meta.unbox(task.init_params(jax.random.PRNGKey(0), spec))
     x = jnp.asarray(np.stack([_image(64, 64, 3), _image(64, 64, 4)]), jnp.float32) / 255.0
     tx = optax.adam(2e-3)
 
@@ -179,3 +202,24 @@ def test_task_loss_and_gradients(setup):
     for _ in range(15):
         p, opt, loss, m, _ = step(p, opt)
     assert float(loss) < float(loss0)
+
+
+@pytest.mark.slow
+def test_smoke_config_trains_and_loads(tmp_path):
+    """``experiments/configs/residual.py:smoke`` trains a few steps with the generic loop
+    (Orbax checkpoints), and ``--model WORKDIR`` loading reads the result."""
+    from diffjax.train.loop import train
+    from experiments.configs import residual as residual_config
+
+    config = residual_config.get_config("smoke")
+    config.num_train_steps = 2
+    logged = []
+    train(config, tmp_path, hooks=[lambda step, state, m: m and logged.append(m)],
+          progress=False)
+    assert len(logged) == 2 and all(np.isfinite(m["loss"]) for m in logged)
+    assert {"bpp", "psnr_base", "psnr_refined", "lpips_refined"} <= set(logged[0])
+    model = pretrained.load_model(tmp_path)
+    assert model.info["step"] == 2 and model.num_qualities == 4
+    codec = model.codec(1, 1)
+    img = _image(64, 64)
+    assert codec.decode(model.params, codec.encode(model.params, img)).shape == img.shape
