@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffjax.codecs.foundation import FoundationTask
+from diffjax.codecs.foundation import FoundationTask, host_params
 from diffjax.errors import InputError
 from diffjax.train import task as task_mod
 from experiments.configs import foundation_sd21
@@ -42,9 +42,15 @@ def test_pretrained_sd_directory_is_loaded_inside_jit(tmp_path, task):
     kw = dict(SMOKE.task.kwargs.to_dict(), pretrained=str(tmp_path / "sd"))
     kw.pop("vae_config"), kw.pop("unet_config")
     loaded_task = FoundationTask(**kw)
-    params = jax.jit(loaded_task.init_params)(jax.random.key(1))
+    shapes, loaders = loaded_task.codec.backbone.param_shapes(), loaded_task._loaders()
+    assert sorted(loaders) == ["unet", "vae"]
+    # what init_params does for the frozen parts, under jit like the train loop
+    params = jax.jit(lambda: {n: host_params(shapes[n], loaders[n]) for n in loaders})()
     for name in ("vae", "unet"):
         jax.tree.map(np.testing.assert_array_equal, params[name], weights[name])
+    # eval_shape (used by the loop to derive shardings) never touches the disk
+    abstract = jax.eval_shape(loaded_task.init_params, jax.random.key(1))
+    assert jax.tree.structure(abstract["unet"]) == jax.tree.structure(weights["unet"])
 
 
 def test_taef2_weights_are_loaded(shared_data):
@@ -57,9 +63,20 @@ def test_taef2_weights_are_loaded(shared_data):
                        taesd_encoder=str(d / "taef2_encoder.pth"),
                        taesd_decoder=str(d / "taef2_decoder.pth"),
                        estimator_features=(16,), hyper_channels=8)
-    params = jax.jit(t.init_params)(jax.random.key(0))
-    ref = load_taesd(d / "taef2_decoder.pth")[1]
-    jax.tree.map(np.testing.assert_array_equal, params["vae"]["decoder"], ref)
+    vae = jax.jit(lambda: host_params(t.codec.backbone.param_shapes()["vae"],
+                                      t._loaders()["vae"]))()
+    jax.tree.map(np.testing.assert_array_equal, vae["decoder"], load_taesd(d / "taef2_decoder.pth")[1])
+    jax.tree.map(np.testing.assert_array_equal, vae["encoder"], load_taesd(d / "taef2_encoder.pth")[1])
+
+
+def test_mismatched_pretrained_weights_are_refused(task):
+    from diffjax.errors import CheckpointError
+
+    shapes = task.codec.backbone.param_shapes()
+    wrong = lambda: task.codec.backbone.random_params()["unet"]  # noqa: E731  (not the VAE)
+    with pytest.raises(Exception) as err:
+        jax.block_until_ready(jax.jit(lambda: host_params(shapes["vae"], wrong))())
+    assert "do not match" in str(err.value) or isinstance(err.value, CheckpointError)
 
 
 def test_bad_task_arguments():
