@@ -36,6 +36,33 @@ def _quality(ref, out) -> dict:
             "lpips": float(metrics.lpips(ref, out))}
 
 
+def timing(model, images, steps: int, repeats: int = 3) -> None:
+    """Median wall-clock encode / base decode / refined decode per image (after one
+    warm-up call per image size, so compilation is excluded), rate point 1."""
+    codec = model.codec(1, steps)
+    for name, img in images:
+        data = codec.encode(model.params, img)
+        codec.decode(model.params, data, steps=0)
+        codec.decode(model.params, data, steps=steps)
+        t = {"encode": [], "decode_base": [], "decode_refined": []}
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            data = codec.encode(model.params, img)
+            t1 = time.perf_counter()
+            codec.decode(model.params, data, steps=0)
+            t2 = time.perf_counter()
+            codec.decode(model.params, data, steps=steps)
+            t3 = time.perf_counter()
+            t["encode"].append(t1 - t0)
+            t["decode_base"].append(t2 - t1)
+            t["decode_refined"].append(t3 - t2)
+        med = {k: statistics.median(v) for k, v in t.items()}
+        print(f"{name} {img.shape[1]}x{img.shape[0]}: encode {med['encode']:.3f} s, decode "
+              f"base {med['decode_base']:.3f} s, decode refined ({steps} steps) "
+              f"{med['decode_refined']:.3f} s; encode + base decode "
+              f"{med['encode'] + med['decode_base']:.3f} s (median of {repeats})")
+
+
 def evaluate(model, images, steps: int, progress: bool = True) -> dict:
     """Per-image and mean results of every rate point of ``model`` (a LoadedModel)."""
     from tqdm.auto import tqdm
@@ -101,12 +128,33 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--baselines", default="", help="comma list: jpeg,webp,avif,hevc")
     ap.add_argument("--out", default=None, help="write the results JSON here")
+    ap.add_argument("--timing-only", action="store_true",
+                    help="only time encode/decode (no metrics); with --random-init CONFIG "
+                         "times an untrained model of that training config")
+    ap.add_argument("--random-init", default=None, metavar="CONFIG_ARG",
+                    help="use random weights of experiments/configs/residual.py:CONFIG_ARG")
     args = ap.parse_args(argv)
     from diffjax.codecs.pretrained import load_model
     from diffjax.metrics import bd_rate
 
-    model = load_model(args.model)
     images = _images(args.images, args.limit)
+    if args.random_init is not None:
+        import jax
+
+        from diffjax.codecs.pretrained import LoadedModel, _config_from_training
+        from diffjax.codecs.residual import ResidualCodec
+        from experiments.configs import residual as residual_config
+
+        cfg = residual_config.get_config(args.random_init).to_dict()
+        config, info = _config_from_training(cfg)
+        params = ResidualCodec(**config).init(jax.random.PRNGKey(0))
+        model = LoadedModel(config, params, {**info, "default_steps": args.steps},
+                            f"random init of residual.py:{args.random_init}")
+    else:
+        model = load_model(args.model)
+    if args.timing_only:
+        timing(model, images, args.steps)
+        return 0
     res = evaluate(model, images, args.steps)
     res["images_folder"] = args.images
     names = [n for n in args.baselines.split(",") if n]

@@ -1,0 +1,53 @@
+"""The shipped residual-codec weights load and reproduce the committed Kodak results.
+
+NOT COLLECTED YET: no trained weights ship (see diffjax/weights/residual/README.md). When
+they do, rename this file to ``test_residual_weights.py``.
+
+``results/kodak/residual.json`` was written by ``experiments/bench_residual.py`` with the
+shipped weights (see the model card); compressing two Kodak images again must give the
+same file sizes exactly and the same PSNR (base-only and refined decoders) within 0.01 dB.
+"""
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from diffjax import metrics
+from diffjax.codecs import pretrained
+from diffjax.codecs.command_common import read_image
+
+RESULTS = pathlib.Path(__file__).resolve().parents[2] / "results" / "kodak" / "residual.json"
+IMAGES = ("kodim01.png", "kodim02.png")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model = pretrained.load_model()  # the shipped weights, no path
+    return model, json.loads(RESULTS.read_text())
+
+
+def test_shipped_weights_load(shipped):
+    model, results = shipped
+    assert model.source == str(pretrained.SHIPPED_DIR)
+    assert model.num_qualities == len(results["points"]) >= 4
+    assert (pretrained.SHIPPED_DIR / "MODEL_CARD.md").is_file()
+    size = (pretrained.SHIPPED_DIR / "params.msgpack").stat().st_size
+    assert size < 20 * 2 ** 20
+
+
+@pytest.mark.parametrize("name,quality", [(IMAGES[0], 1), (IMAGES[1], 4)])
+def test_reproduces_committed_kodak_results(shipped, shared_data, name, quality):
+    model, results = shipped
+    point = next(p for p in results["points"] if p["quality"] == quality)
+    row = next(r for r in point["images"] if r["image"] == name)
+    image = read_image(str(shared_data / "kodak" / name))
+    codec = model.codec(quality, results["steps"])
+    data = codec.encode(model.params, image)
+    assert len(data) == row["bytes"]
+    assert 8 * len(data) / (image.shape[0] * image.shape[1]) == pytest.approx(row["bpp"], abs=0)
+    base = codec.decode(model.params, data, steps=0)
+    refined = codec.decode(model.params, data)
+    assert float(metrics.psnr(image, base)) == pytest.approx(row["base"]["psnr"], abs=0.01)
+    assert float(metrics.psnr(image, refined)) == pytest.approx(row["refined"]["psnr"], abs=0.01)
+    assert not np.array_equal(base, refined)
