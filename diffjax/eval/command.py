@@ -110,7 +110,7 @@ def _codec_points(args) -> list:
             import jax
 
             codec = codecs.get(spec, **kwargs)
-            params = codec.init(jax.random.key(0))
+            params = jax.jit(codec.init)(jax.random.key(0))
             points.append(codec_point(codec, params, curve=f"diffjax {spec} (random init)",
                                       label="random", setting={"random_init": True, **kwargs}))
         else:

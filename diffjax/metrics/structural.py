@@ -48,17 +48,21 @@ def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
 
 
 def _blur(x: jax.Array, win: np.ndarray) -> jax.Array:
-    """Separable valid Gaussian blur of ``[N, H, W, C]``, per channel."""
-    n, h, w, c = x.shape
-    planes = jnp.transpose(x, (0, 3, 1, 2)).reshape(n * c, h, w, 1)
-    k = jnp.asarray(win, x.dtype)
-    dn = ("NHWC", "HWIO", "NHWC")
-    out = lax.conv_general_dilated(planes, k.reshape(-1, 1, 1, 1), (1, 1), "VALID",
-                                   dimension_numbers=dn, precision=lax.Precision.HIGHEST)
-    out = lax.conv_general_dilated(out, k.reshape(1, -1, 1, 1), (1, 1), "VALID",
-                                   dimension_numbers=dn, precision=lax.Precision.HIGHEST)
-    _, ho, wo, _ = out.shape
-    return jnp.transpose(out.reshape(n, c, ho, wo), (0, 2, 3, 1))
+    """Separable valid Gaussian blur of ``[N, H, W, C]``, per channel.
+
+    Written as a weighted sum of shifted slices (11 taps per axis): the same valid
+    convolution as ``pytorch_msssim``'s grouped ``conv2d``, but an elementwise program that
+    XLA runs an order of magnitude faster on CPU than a 1-channel convolution.
+    """
+    k = len(win)
+    for axis in (1, 2):
+        n_out = x.shape[axis] - k + 1
+        acc = None
+        for i, w in enumerate(win):
+            term = lax.slice_in_dim(x, i, i + n_out, axis=axis) * np.float32(w)
+            acc = term if acc is None else acc + term
+        x = acc
+    return x
 
 
 def _ssim_cs(x: jax.Array, y: jax.Array, win: np.ndarray, data_range: float,
@@ -66,11 +70,14 @@ def _ssim_cs(x: jax.Array, y: jax.Array, win: np.ndarray, data_range: float,
     """Per-channel mean SSIM and contrast-structure ``cs``, each ``[N, C]`` (TIP 2004)."""
     c1 = (k[0] * data_range) ** 2
     c2 = (k[1] * data_range) ** 2
-    mu1, mu2 = _blur(x, win), _blur(y, win)
+    # one blur of the five maps stacked on the channel axis (a fifth of the program size)
+    c = x.shape[-1]
+    stats = _blur(jnp.concatenate([x, y, x * x, y * y, x * y], axis=-1), win)
+    mu1, mu2, xx, yy, xy = (stats[..., i * c:(i + 1) * c] for i in range(5))
     mu1_sq, mu2_sq, mu12 = mu1 * mu1, mu2 * mu2, mu1 * mu2
-    s1 = _blur(x * x, win) - mu1_sq
-    s2 = _blur(y * y, win) - mu2_sq
-    s12 = _blur(x * y, win) - mu12
+    s1 = xx - mu1_sq
+    s2 = yy - mu2_sq
+    s12 = xy - mu12
     cs_map = (2 * s12 + c2) / (s1 + s2 + c2)
     ssim_map = ((2 * mu12 + c1) / (mu1_sq + mu2_sq + c1)) * cs_map
     return jnp.mean(ssim_map, axis=(1, 2)), jnp.mean(cs_map, axis=(1, 2))

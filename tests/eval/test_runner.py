@@ -37,7 +37,7 @@ def images_dir(tmp_path_factory, shared_data):
 def checkpoint(tmp_path_factory):
     """A hyperprior codec's params saved the way ``diffjax.train`` saves them."""
     codec = codecs.get("hyperprior", N=8, M=12, mean_scale=True)
-    params = codec.init(jax.random.key(0))
+    params = jax.jit(codec.init)(jax.random.key(0))  # one compilation, not one per op
     workdir = tmp_path_factory.mktemp("run")
     ck = Checkpointer(workdir / "checkpoints", save_every=1, keep=None, async_save=False)
     ck.save(3, {"step": np.int32(3), "params": params}, CONFIG, force=True)
@@ -165,3 +165,20 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(Exception, match="CompressAI-style"):
         load_reference(tmp_path / "nothing.json")
     assert issubclass(BitstreamError, Exception)
+
+
+@pytest.mark.slow
+def test_cli_random_init_codec_with_fid_kid(images_dir, tmp_path):
+    """``--codec NAME --random-init`` and ``--fid`` (whole images: they are < 256 px)."""
+    out = tmp_path / "fid"
+    rc = main(["eval", str(images_dir), "--codec", "hyperprior", "--random-init",
+               "--codec-kwargs", '{"N": 8, "M": 12}', "--baselines", "jpeg", "--sweep",
+               "jpeg=90", "--fid", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    result = json.loads((out / "rd.json").read_text())
+    assert result["settings"]["fid_mode"] == "whole images"
+    (jpeg,) = result["curves"]["JPEG"]
+    (rand,) = result["curves"]["diffjax hyperprior (random init)"]
+    # a random network is far from the data, JPEG q=90 is close
+    assert 0 <= jpeg["fid"] < rand["fid"] and np.isfinite(jpeg["kid"])
+    assert (out / "rd_fid.png").is_file()
