@@ -12,7 +12,7 @@ import pytest
 
 import diffjax
 from diffjax.entropy import bitstream as B
-from fuzz import fields, fuzz_cases, run_fuzz
+from bitstream_fuzz import fields, fuzz_cases, run_fuzz
 
 FP = bytes(range(16))
 SECTIONS = [b"meta-data", bytes(np.random.default_rng(0).integers(0, 256, 300, np.uint8)), b""]

@@ -1,11 +1,14 @@
-"""Import CompressAI (the reference implementation) without torchvision.
+"""Test helpers shared by tests/entropy, tests/models and tests/codecs (they add this
+directory to ``sys.path``): CompressAI import without torchvision, a numpy reference of
+the coder-consistent likelihood, and a quick-compiling ``jit`` for test-only functions.
+
+Import CompressAI (the reference implementation) without torchvision:
 
 CompressAI 1.2.8 imports ``torchvision``, ``torch_geometric`` and ``pandas`` at package
 import time for datasets and transforms the parity tests never touch; torchvision cannot
 load beside the disk torch build. A meta-path finder serves inert stub modules for
 exactly those packages (pandas only when it is not installed) while CompressAI imports,
-then removes itself and the stubs again. Used by tests/entropy, tests/models and tests/codecs (they add this directory
-to ``sys.path``).
+then removes itself and the stubs again.
 """
 from __future__ import annotations
 
@@ -100,3 +103,14 @@ def coded_likelihood_reference(likelihood, symbols, indexes, table):
         n += ((w + 1) >> b) > 0
     p_esc = table.freqs[idx, length] * p_min / 33.0 / 2.0**n
     return np.where(esc, p_esc, out), esc
+
+
+def fast_jit(fn, **kwargs):
+    """``jax.jit`` with XLA's CPU backend optimisation level 0, for test-only functions.
+
+    Compiling the whole hyperprior's gradient drops from ~16 s to ~7 s of CPU; the results
+    are the same functions (the tests compare against references with tolerances).
+    """
+    import jax
+
+    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0}, **kwargs)
