@@ -88,7 +88,6 @@ def get_config(arg: str = ""):
         c.optimizer.groups = {}
     if "smoke" in args:
         apply_smoke(c)
-        c.batch_size = 2
         k.N, k.M = 8, 12
         k.refiner_channels = (8, 16)
         k.refiner_groups = 4
