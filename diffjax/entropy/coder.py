@@ -120,6 +120,11 @@ class CdfTable:
                 f[: n + 1].astype(np.float64), perfect=True))
         return rows
 
+    @functools.cached_property
+    def _rows32(self):
+        """(offsets, lengths) as int32 for fast gathers (|offsets|, lengths < 2^16)."""
+        return self.offsets.astype(np.int32), self.lengths.astype(np.int32)
+
     def ideal_bits(self, symbols, indexes) -> float:
         """Ideal code length in bits of ``symbols`` under this table (escapes and the
         32-bit checksum included)."""
@@ -131,29 +136,41 @@ class CdfTable:
                      + n.sum() + CHECKSUM_BITS)
 
 
-def _check(symbols, indexes, table: CdfTable):
-    symbols = np.asarray(symbols)
+def _check_indexes(indexes, table: CdfTable) -> np.ndarray:
     indexes = np.asarray(indexes)
-    if symbols.shape != indexes.shape:
-        raise InputError(f"symbols {symbols.shape} and indexes {indexes.shape} differ in shape")
-    if not (np.issubdtype(symbols.dtype, np.integer) and np.issubdtype(indexes.dtype, np.integer)):
-        raise InputError("symbols and indexes must be integer arrays")
-    sym = symbols.reshape(-1).astype(np.int64)
-    idx = indexes.reshape(-1).astype(np.int64)
+    if not np.issubdtype(indexes.dtype, np.integer):
+        raise InputError("indexes must be an integer array")
+    idx = indexes.reshape(-1)
     if idx.size and (idx.min() < 0 or idx.max() >= table.num_indexes):
         raise InputError(f"indexes out of range [0, {table.num_indexes})")
-    if sym.size and np.abs(sym).max() > MAX_ABS_SYMBOL:
-        raise InputError(f"symbol magnitude {np.abs(sym).max()} exceeds {MAX_ABS_SYMBOL}")
-    return sym, idx
+    return idx.astype(np.intp, copy=False)
+
+
+def _check(symbols, indexes, table: CdfTable):
+    """-> (int32 symbols, intp indexes), both flat; raises InputError on bad input."""
+    symbols = np.asarray(symbols)
+    if symbols.shape != np.shape(indexes):
+        raise InputError(f"symbols {symbols.shape} and indexes {np.shape(indexes)} differ in shape")
+    if not np.issubdtype(symbols.dtype, np.integer):
+        raise InputError("symbols must be an integer array")
+    idx = _check_indexes(indexes, table)
+    sym = symbols.reshape(-1)
+    if sym.size and (sym.min() < -MAX_ABS_SYMBOL or sym.max() > MAX_ABS_SYMBOL):
+        raise InputError(f"symbol magnitude exceeds {MAX_ABS_SYMBOL}")
+    return sym.astype(np.int32, copy=False), idx
 
 
 def _split(sym, idx, table):
-    """-> (row entries incl. escape, escape mask, folded escape distances ``w >= 0``)."""
-    v = sym - table.offsets[idx]
-    length = table.lengths[idx]
+    """-> (row entries incl. escape, escape mask, folded escape distances ``w >= 0``).
+
+    ``sym`` int32 with ``|sym| <= 2^30``, so ``sym - offset`` fits int32; ``w`` is int64.
+    """
+    offsets, lengths = table._rows32
+    v = sym - offsets[idx]
+    length = lengths[idx]
     esc = (v < 0) | (v >= length)
     main = np.where(esc, length, v)
-    ve, le = v[esc], length[esc]
+    ve, le = v[esc].astype(np.int64), length[esc].astype(np.int64)
     w = np.where(ve < 0, -2 * ve - 1, 2 * (ve - le))
     return main, esc, w
 
@@ -176,7 +193,8 @@ def _crc_words(crc: int) -> np.ndarray:
 
 
 def _groups(idx, k):
-    order = np.argsort(idx.astype(np.int32), kind="stable")
+    """Stable order grouping positions by index (int16 keys: numpy's radix sort)."""
+    order = np.argsort(idx.astype(np.int16 if k <= 1 << 15 else np.int32), kind="stable")
     bounds = np.concatenate([[0], np.cumsum(np.bincount(idx, minlength=k))])
     return order, bounds
 
@@ -193,7 +211,7 @@ def encode(symbols, indexes, table: CdfTable) -> bytes:
     coder = constriction.stream.stack.AnsCoder()
     uniform = constriction.stream.model.Uniform()
     # Pushed in reverse of the decode order (ANS is a stack).
-    coder.encode_reverse(_crc_words(symbols_crc(sym.astype(np.int32))),
+    coder.encode_reverse(_crc_words(symbols_crc(sym)),
                          constriction.stream.model.Uniform(1 << 16))
     for values, nbits in ((hi, n_hi), (lo, n_lo)):
         m = nbits > 0
@@ -203,7 +221,7 @@ def encode(symbols, indexes, table: CdfTable) -> bytes:
     if n.size:
         coder.encode_reverse(n.astype(np.int32), constriction.stream.model.Uniform(_EXP_SIZE))
     order, bounds = _groups(idx, table.num_indexes)
-    grouped = main[order].astype(np.int32)
+    grouped = main[order]
     models = table._models
     for k in range(table.num_indexes - 1, -1, -1):
         if bounds[k + 1] > bounds[k]:
@@ -216,26 +234,26 @@ def decode(data: bytes, indexes, table: CdfTable) -> np.ndarray:
 
     Raises :class:`CorruptError` if ``data`` is not exactly a stream for these indexes.
     """
-    indexes = np.asarray(indexes)
-    _, idx = _check(np.zeros(indexes.shape, np.int64), indexes, table)
+    shape = np.shape(indexes)
+    idx = _check_indexes(indexes, table)
     if len(data) % 4:
         raise CorruptError(f"entropy-coded section has {len(data)} bytes, not whole 32-bit words")
     words = np.frombuffer(data, "<u4").astype(np.uint32)
     order, bounds = _groups(idx, table.num_indexes)
     models = table._models
+    offsets, lengths = table._rows32
     try:
         coder = constriction.stream.stack.AnsCoder(words)
-        grouped = np.empty(idx.size, np.int64)
+        grouped = np.empty(idx.size, np.int32)
         for k in range(table.num_indexes):
             if bounds[k + 1] > bounds[k]:
-                grouped[bounds[k]:bounds[k + 1]] = coder.decode(models[k], int(bounds[k + 1] - bounds[k]))
-        main = np.empty(idx.size, np.int64)
+                grouped[bounds[k]:bounds[k + 1]] = coder.decode(
+                    models[k], int(bounds[k + 1] - bounds[k]))
+        main = np.empty(idx.size, np.int32)
         main[order] = grouped
-        length = table.lengths[idx]
+        length = lengths[idx]
         esc = main == length
         n_esc = int(esc.sum())
-        n = np.zeros(0, np.int64)
-        lo = hi = np.zeros(0, np.int64)
         if n_esc:
             n = coder.decode(constriction.stream.model.Uniform(_EXP_SIZE), n_esc).astype(np.int64)
             n_lo, n_hi = np.minimum(n, _CHUNK), np.maximum(n - _CHUNK, 0)
@@ -255,16 +273,15 @@ def decode(data: bytes, indexes, table: CdfTable) -> np.ndarray:
         raise CorruptError(f"entropy-coded data is invalid: {err}") from err
     if not empty:
         raise CorruptError("entropy-coded data does not end where the symbols end")
-    sym = main + table.offsets[idx]
+    sym = main + offsets[idx]  # in-row entries: |sym| < 2^16
     if n_esc:
         w = (np.int64(1) << n) + lo + (hi << _CHUNK) - 1
-        le = length[esc]
-        v = np.where(w % 2 == 1, -(w + 1) // 2, le + w // 2)
-        sym[esc] = v + table.offsets[idx][esc]
-    if sym.size and np.abs(sym).max() > MAX_ABS_SYMBOL:
-        raise CorruptError("entropy-coded data decodes to out-of-range symbols")
-    sym = sym.astype(np.int32)
+        le = length[esc].astype(np.int64)
+        v = np.where(w % 2 == 1, -(w + 1) // 2, le + w // 2) + offsets[idx[esc]]
+        if np.abs(v).max() > MAX_ABS_SYMBOL:
+            raise CorruptError("entropy-coded data decodes to out-of-range symbols")
+        sym[esc] = v
     if symbols_crc(sym) != int(crc[0] | (crc[1] << 16)):
         raise CorruptError("decoded symbols fail their checksum (damaged data, or indexes "
                            "that differ from the encoder's)")
-    return sym.reshape(indexes.shape)
+    return sym.reshape(shape)
