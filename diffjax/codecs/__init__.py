@@ -5,3 +5,4 @@ and ``diffjax.codecs.available()`` see them all.
 """
 from diffjax.codecs.base import Codec, available, codec_name, get, register  # noqa: F401
 from diffjax.codecs import hyperprior  # noqa: F401,E402  (registers "hyperprior")
+from diffjax.codecs import residual  # noqa: F401,E402  (registers "residual")
