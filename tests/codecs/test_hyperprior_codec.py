@@ -114,7 +114,7 @@ def test_round_trip_symbols_and_image_exact(setup, size):
     assert codec.encode(params, image) == data
 
 
-def check_size_matches_estimate(codec, params, image):
+def check_size_matches_estimate(codec, params, image, random_params=True):
     """Actual payload within 0.5 % (plus fixed overhead) of the model's estimate."""
     data = codec.encode(params, image)
     est = codec.estimate_bits(params, image)
@@ -127,7 +127,9 @@ def check_size_matches_estimate(codec, params, image):
           f"{len(data)} bytes, payload {payload_bits} bits, estimate {est['total']:.0f} bits "
           f"({(payload_bits / est['total'] - 1) * 100:+.3f} %), {escapes} escapes, "
           f"{len(np.unique(lat['indexes']))} table rows used")
-    assert escapes > 0 and len(np.unique(lat["indexes"])) > 10
+    assert len(np.unique(lat["indexes"])) > 10
+    if random_params:  # the diversified random params must exercise the escape path
+        assert escapes > 0
     assert abs(payload_bits - est["total"]) <= 0.005 * est["total"] + STREAM_OVERHEAD_BITS
     decoded = codec.decode(params, data)
     np.testing.assert_array_equal(decoded, _reference_decode(codec, params, image)[1])
@@ -330,3 +332,53 @@ def test_kodak_both_orientations_size_and_round_trip(setup, kodak):
     codec, params = setup
     for image in (kodak, np.ascontiguousarray(kodak.transpose(1, 0, 2))):
         check_size_matches_estimate(codec, params, image)
+
+
+@pytest.mark.slow
+def test_briefly_trained_model_through_orbax(shared_data, kodak, tmp_path):
+    """Train a small mean-scale model for a few hundred steps (BSDS500 crops, CompressAI
+    loss + aux loss), save/restore its params with Orbax, then code a 768x512 Kodak image:
+    exact round trip and payload within 0.5 % of the estimate with trained parameters."""
+    import optax
+    import orbax.checkpoint as ocp
+
+    from diffjax.models.hyperprior import rate_distortion_loss
+
+    codec = codecs.get("hyperprior", N=16, M=24, mean_scale=True)
+    model = codec.model
+    params = codec.init(jax.random.key(0, impl="rbg"))
+    rng = np.random.default_rng(0)
+    crops = []
+    for path in sorted((shared_data / "bsds500" / "train").glob("*.jpg"))[:64]:
+        im = np.asarray(Image.open(path).convert("RGB"))
+        for _ in range(2):
+            y0, x0 = rng.integers(0, im.shape[0] - 64), rng.integers(0, im.shape[1] - 64)
+            crops.append(im[y0:y0 + 64, x0:x0 + 64])
+    crops = np.stack(crops).astype(np.float32) / 255.0
+    opt = optax.adam(1e-3)
+
+    @jax.jit
+    def step(p, state, x, key):
+        def loss_fn(p):
+            out = model.apply({"params": p}, x, train=True, rngs={"noise": key})
+            loss, metrics = rate_distortion_loss(out, x, lmbda=0.01)
+            return loss + model.apply({"params": p}, method="aux_loss"), metrics
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(p)
+        updates, state = opt.update(grads, state, p)
+        return optax.apply_updates(p, updates), state, metrics
+
+    state = opt.init(params)
+    key = jax.random.key(1, impl="rbg")
+    bpp = []
+    for i in range(300):
+        batch = crops[rng.integers(0, len(crops), 8)]
+        params, state, metrics = step(params, state, jnp.asarray(batch), jax.random.fold_in(key, i))
+        bpp.append(float(metrics["bpp"]))
+    assert np.mean(bpp[-20:]) < 0.5 * np.mean(bpp[:20])  # it did train
+
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / "params", params)
+    ckpt.wait_until_finished()
+    restored = ckpt.restore(tmp_path / "params", jax.tree_util.tree_map(np.zeros_like, params))
+    assert codec.fingerprint(restored) == codec.fingerprint(params)
+    check_size_matches_estimate(codec, restored, kodak, random_params=False)
