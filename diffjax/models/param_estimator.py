@@ -221,7 +221,9 @@ class FoundationModel(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.estimator = ParamEstimator(self.latent_channels, tuple(self.estimator_features),
                                         self.lambda_scale, self.init_t, self.init_log_scale, **kw)
-        self.entropy = LatentHyperprior(self.latent_channels, self.hyper_channels, **kw)
+        # float32 always: encoder and decoder must pick the same scale-table rows
+        self.entropy = LatentHyperprior(self.latent_channels, self.hyper_channels,
+                                        param_dtype=self.param_dtype)
 
     def estimate(self, y: jax.Array, lam) -> tuple[jax.Array, jax.Array]:
         return self.estimator(y, lam)
