@@ -209,6 +209,21 @@ class HyperpriorCodec(Codec):
     def decode_batch(self, params: Any, datas: Sequence[bytes]) -> list:
         """Decode bitstreams; same-size images share one network call, same result."""
         p = self._unwrap(params)
+        out: list = [None] * len(datas)
+        for members, headers, y_batch, means in self._decode_latents(p, datas):
+            x = np.asarray(self._synthesize(p, y_batch, means))
+            for j, (i, header) in enumerate(zip(members, headers)):
+                out[i] = crop(x[j], header.height, header.width)
+        return out
+
+    def decoded_latents(self, params: Any, data: bytes) -> np.ndarray:
+        """``ŷ = symbols + μ`` ``[1, Hp/16, Wp/16, M]`` of a bitstream (fully verified),
+        i.e. what the synthesis transform receives; for codecs built on this one."""
+        ((_, _, y_batch, means),) = self._decode_latents(self._unwrap(params), [data])
+        return y_batch.astype(np.float32) + means
+
+    def _decode_latents(self, p, datas):
+        """Yield ``(members, headers, y_symbols, means)`` per group of same-size files."""
         prep = self._prepared(p)
         items = []
         for data in datas:
@@ -219,7 +234,6 @@ class HyperpriorCodec(Codec):
             z_shape, _ = self._geometry(header.height, header.width)
             z_sym = coder.decode(sections[0], self._z_indexes(z_shape), prep.z_table)
             items.append((header, sections[1], z_sym))
-        out: list = [None] * len(items)
         for members in _group(items, lambda it: it[2].shape).values():
             z_batch = np.stack([items[i][2] for i in members])
             idx, means = self._hyper(p, z_batch, prep.medians)
@@ -233,10 +247,7 @@ class HyperpriorCodec(Codec):
                         "latents do not decode although the file is intact: this decoder's "
                         "hyper-synthesis disagrees with the encoder's (different weights or "
                         f"different floating-point results) [{err}]") from err
-            x = np.asarray(self._synthesize(p, y_batch, means))
-            for j, i in enumerate(members):
-                out[i] = crop(x[j], items[i][0].height, items[i][0].width)
-        return out
+            yield members, [items[i][0] for i in members], y_batch, means
 
 
 def _group(items, key) -> dict:

@@ -111,6 +111,8 @@ def test_round_trip_symbols_and_image_exact(setup, size):
         coder.decode(y_data, lat["indexes"][0], codec.y_table), lat["y_symbols"][0])
     # Decoded image == the synthesis transform on the quantised latents, exactly.
     np.testing.assert_array_equal(decoded, want)
+    np.testing.assert_array_equal(codec.decoded_latents(params, data),
+                                  lat["y_symbols"].astype(np.float32) + lat["means"])
     assert codec.encode(params, image) == data
 
 
