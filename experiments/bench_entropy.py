@@ -7,7 +7,9 @@ CompressAI's bisection and ported across). Both coders get the same symbols and 
 CompressAI is driven through ``GaussianConditional.compress/decompress`` and
 ``EntropyBottleneck.compress/decompress``, i.e. what a CompressAI codec pays per image.
 
-Printed per part: median encode/decode time, symbols/s, coded bits vs the estimate
+Printed per part: median encode/decode time (wall clock and process CPU time; the repeats
+of both coders are interleaved so they share the machine's load), symbols/s, coded bits
+vs the estimate
 (``-sum log2 p`` of the continuous model at the coded scales: what a rate-distortion
 loss reports), and the diffjax/CompressAI speed ratios. Decoded symbols are checked.
 
@@ -26,13 +28,11 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _median_time(fn, repeats: int):
-    out, times = None, []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+def _timed(fn):
+    """(wall seconds, CPU seconds of this process, result) of one call."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - w0, time.process_time() - c0, out
 
 
 def make_data(seed: int):
@@ -123,24 +123,43 @@ def run(repeats: int, seed: int) -> None:
          lambda s: eb.decompress(s, (8, 12)),
          z_sym.size),
     ):
-        te, data = _median_time(ours_enc, repeats)
-        td, back = _median_time(lambda: ours_dec(data), repeats)
-        assert np.array_equal(back, y_sym if part == "y" else z_sym), "diffjax decode mismatch"
-        ce, strings = _median_time(cai_enc, repeats)
-        cd, cback = _median_time(lambda: cai_dec(strings), repeats)
-        want = y_t if part == "y" else z_t
-        assert torch.equal(cback.float(), want), "CompressAI decode mismatch"
+        # Interleaved repeats, so both coders see the same machine load.
+        times = {k: ([], []) for k in ("te", "td", "ce", "cd")}
+        for _ in range(repeats):
+            for key, fn in (("te", ours_enc), ("ce", cai_enc)):
+                wall, cpu, res = _timed(fn)
+                times[key][0].append(wall)
+                times[key][1].append(cpu)
+                if key == "te":
+                    data = res
+                else:
+                    strings = res
+            for key, fn in (("td", lambda: ours_dec(data)), ("cd", lambda: cai_dec(strings))):
+                wall, cpu, res = _timed(fn)
+                times[key][0].append(wall)
+                times[key][1].append(cpu)
+                if key == "td":
+                    assert np.array_equal(res, y_sym if part == "y" else z_sym), "diffjax decode"
+                else:
+                    want = y_t if part == "y" else z_t
+                    assert torch.equal(res.float(), want), "CompressAI decode mismatch"
+        med = {k: (statistics.median(w), statistics.median(c)) for k, (w, c) in times.items()}
         ours_bits, cai_bits = len(data) * 8, len(strings[0]) * 8
-        rows.append((part, n, est, te, td, ours_bits, ce, cd, cai_bits))
+        rows.append((part, n, est, med, ours_bits, cai_bits))
 
-    print(f"\n{'part':<5}{'coder':<12}{'symbols':>9}{'encode ms':>11}{'decode ms':>11}"
-          f"{'enc Msym/s':>12}{'dec Msym/s':>12}{'bits':>10}{'vs estimate':>13}")
-    for part, n, est, te, td, ob, ce, cd, cb in rows:
-        for name, e, d, b in (("diffjax", te, td, ob), ("CompressAI", ce, cd, cb)):
-            print(f"{part:<5}{name:<12}{n:>9}{e * 1e3:>11.2f}{d * 1e3:>11.2f}{n / e / 1e6:>12.2f}"
-                  f"{n / d / 1e6:>12.2f}{b:>10}{(b / est - 1) * 100:>+12.3f}%")
-        print(f"{part:<5}{'ratio':<12}{'':>9}{'':>11}{'':>11}{ce / te:>11.2f}x{cd / td:>11.2f}x"
-              f"   (diffjax speed / CompressAI speed; estimate {est:.0f} bits)")
+    for clock, c in (("wall-clock", 0), ("CPU time", 1)):
+        print(f"\nmedian {clock} over {repeats} interleaved repeats")
+        print(f"{'part':<5}{'coder':<12}{'symbols':>9}{'encode ms':>11}{'decode ms':>11}"
+              f"{'enc Msym/s':>12}{'dec Msym/s':>12}{'bits':>10}{'vs estimate':>13}")
+        for part, n, est, med, ob, cb in rows:
+            te, td, ce, cd = (med[k][c] for k in ("te", "td", "ce", "cd"))
+            for name, e, d, b in (("diffjax", te, td, ob), ("CompressAI", ce, cd, cb)):
+                print(f"{part:<5}{name:<12}{n:>9}{e * 1e3:>11.2f}{d * 1e3:>11.2f}"
+                      f"{n / e / 1e6:>12.2f}{n / d / 1e6:>12.2f}{b:>10}"
+                      f"{(b / est - 1) * 100:>+12.3f}%")
+            print(f"{part:<5}{'ratio':<12}{'':>9}{'':>11}{'':>11}{ce / te:>11.2f}x"
+                  f"{cd / td:>11.2f}x   (diffjax speed / CompressAI speed; "
+                  f"estimate {est:.0f} bits)")
 
 
 def main() -> None:
