@@ -44,6 +44,7 @@ def describe(data: bytes) -> dict:
         "section_bytes": list(h.section_lengths),
         "payload_crc32": f"{h.payload_crc:08x}",
         "file_bytes": len(data),
+        "declared_bytes": h.total_size,
         "bits_per_pixel": 8.0 * h.total_size / pixels,
     }
 
@@ -67,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
                          f"{frames}"),
             ("sections", ", ".join(str(n) for n in info["section_bytes"]) + " bytes"),
             ("header", f"{info['header_bytes']} bytes"),
-            ("size", f"{info['file_bytes']} bytes, {info['bits_per_pixel']:.4f} bits/pixel"),
+            ("size", f"{info['declared_bytes']} bytes, {info['bits_per_pixel']:.4f} bits/pixel"
+                     + ("" if info["file_bytes"] == info["declared_bytes"]
+                        else f" (the file has {info['file_bytes']} bytes)")),
         ]
         for key, value in rows:
             print(f"{key + ':':<13}{value}")
