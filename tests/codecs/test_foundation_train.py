@@ -110,3 +110,14 @@ def test_smoke_config_trains_with_the_train_loop(tmp_path, monkeypatch):
     moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))),
                          state.params["model"]["estimator"], seen["first"]["model"]["estimator"])
     assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_taef2_configs_build():
+    from experiments.configs import foundation_taef2
+
+    for arg in ("", "smoke"):
+        kw = foundation_taef2.get_config(arg).task.kwargs.to_dict()
+        t = FoundationTask(**kw)
+        bb = t.codec.backbone
+        assert (bb.kind, bb.latent_channels, bb.vae_factor, bb.scaling_factor) == ("taesd", 32, 8, 1.2)
+        assert sorted(t._loaders()) == ["vae"]  # the real TAEF2 weights; unet_path still to set
