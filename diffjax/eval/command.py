@@ -163,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers, anchor=anchor, references=references,
             bitstream_dir=out / "bitstreams" if args.keep_bitstreams else None,
             progress=not args.no_progress, dataset=pathlib.Path(args.images[0]).name)
+    result["argv"] = list(sys.argv)
     (out / "rd.json").write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
     plot_rd(result, out, title=result["dataset"]["name"])
     table = format_bd_table(result["bd_rate"])
