@@ -3,7 +3,10 @@
 Conventions (all image metrics): inputs are uint8 ``[0, 255]`` or floats in ``[0, 1]``,
 ``[H, W, C]`` or ``[N, H, W, C]``; per-image values are averaged over the batch unless
 ``reduction="none"``. Everything is pure JAX (jit-able by the caller) except FID/KID's
-final statistics and BD-rate, which run in float64 numpy/scipy on the host.
+final statistics and BD-rate, which run in float64 numpy/scipy on the host. Library
+functions never jit themselves (DESIGN.md); for repeated use wrap them, e.g.
+``jax.jit(functools.partial(ms_ssim, reduction="none"))`` or
+``jax.jit(functools.partial(lpips_distance, net="alex"))`` (the eval runner does).
 
 =================  =========================================================================
 ``psnr``           8-bit RGB PSNR, per image then averaged
