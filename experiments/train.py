@@ -25,6 +25,9 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "yes", "no"],
     "Call jax.distributed.initialize(): auto = when the environment has several processes.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+_STOP_AFTER = flags.DEFINE_integer(
+    "stop_after", None, "Stop with a checkpoint at this step (fits a job's time slot); "
+    "rerun to continue. The schedule still spans config.num_train_steps.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Environment variables that tell a launch has more than one process.
@@ -62,7 +65,8 @@ def main(argv):
     from diffjax.train.loop import train
 
     try:
-        train(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
+        train(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value,
+              stop_after=_STOP_AFTER.value)
     except DiffjaxError as err:
         print(f"experiments.train: error: {err}", file=sys.stderr)
         return 2

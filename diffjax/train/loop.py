@@ -62,11 +62,13 @@ def _config_differences(saved: Mapping, current: Mapping, prefix: str = "") -> l
 
 
 def train(config, workdir: str | pathlib.Path, *, hooks: Iterable[Hook] = (),
-          progress: bool = True):
+          progress: bool = True, stop_after: int | None = None):
     """Train (or resume) the experiment ``config`` in ``workdir``; returns the final state.
 
     ``hooks`` are called after every step as ``hook(step, state, metrics)`` (``metrics``
-    is a dict of floats on logged steps, else ``None``).
+    is a dict of floats on logged steps, else ``None``). ``stop_after``: stop (with a
+    checkpoint) once this step is reached, e.g. to fit a job's time slot; the schedule
+    still follows ``config.num_train_steps`` so a later run continues exactly.
     """
     cfg_dict = _to_dict(config)
     workdir = pathlib.Path(workdir)
@@ -150,16 +152,17 @@ def train(config, workdir: str | pathlib.Path, *, hooks: Iterable[Hook] = (),
         put, size=2)
     from tqdm.auto import tqdm
 
+    end = num_steps if stop_after is None else min(num_steps, int(stop_after))
     bar = tqdm(total=num_steps, initial=start, disable=not (progress and is_main),
                desc="train", unit="step", dynamic_ncols=True)
     last_saved = start
     t0, t_step = time.perf_counter(), start
     try:
-        for step in range(start, num_steps):
+        for step in range(start, end):
             state, metrics = step_fn(state, next(batches))
             done = step + 1
             host_metrics = None
-            if done % log_every == 0 or done == num_steps:
+            if done % log_every == 0 or done == end:
                 host_metrics = {k: float(np.asarray(v).reshape(-1)[0])
                                 for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
@@ -181,8 +184,8 @@ def train(config, workdir: str | pathlib.Path, *, hooks: Iterable[Hook] = (),
                     print(f"diffjax train: preemption at step {done}; checkpoint saved")
                 break
         else:
-            if last_saved != num_steps and num_steps > start:
-                ckpt.save(num_steps, to_save(state), cfg_dict, force=True)
+            if last_saved != end and end > start:
+                ckpt.save(end, to_save(state), cfg_dict, force=True)
     finally:
         bar.close()
         ckpt.close()  # waits for in-flight async saves, so none is left half written

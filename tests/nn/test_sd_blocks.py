@@ -7,6 +7,7 @@ import pathlib
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -104,6 +105,19 @@ def test_attention_with_bias_matches_torch_sdpa():
     t = lambda a: torch.from_numpy(a).transpose(1, 2)  # BTNH -> BNTH
     want = F.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=torch.from_numpy(bias))
     np.testing.assert_allclose(np.asarray(got), want.transpose(1, 2).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_blockwise_attention_equals_plain(dtype, tol):
+    """The blocked (online-softmax) path used on CPU for long sequences is exact."""
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((2, 48, 3, 8)), dtype)
+    k = jnp.asarray(rng.standard_normal((2, 64, 3, 8)), dtype)
+    v = jnp.asarray(rng.standard_normal((2, 64, 3, 8)), dtype)
+    plain = np.asarray(attention(q, k, v), np.float32)
+    blocked = attention(q, k, v, block_size=16)
+    assert blocked.dtype == q.dtype
+    np.testing.assert_allclose(np.asarray(blocked, np.float32), plain, atol=tol)
 
 
 def test_unknown_activation_is_a_clear_error():
