@@ -44,6 +44,8 @@ from diffjax.errors import InputError
 TASKS: dict[str, str] = {
     "toy_autoencoder": "diffjax.train.toy:ToyAutoencoderTask",
     "rate_distortion": "diffjax.train.rate_distortion:RateDistortionTask",
+    "residual": "diffjax.codecs.residual_train:ResidualTask",
+    "foundation": "diffjax.codecs.foundation:FoundationTask",
 }
 
 

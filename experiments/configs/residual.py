@@ -29,13 +29,6 @@ from experiments.configs.base import REPO_ROOT, apply_smoke, data_root, get_base
 LMBDAS = (0.0018, 0.0050, 0.0130, 0.0483)
 
 
-def register_task() -> None:
-    """Make ``task.name = "residual"`` known to :func:`diffjax.train.task.build_task`."""
-    from diffjax.train.task import TASKS
-
-    TASKS.setdefault("residual", "diffjax.codecs.residual_train:ResidualTask")
-
-
 def trainval_dir(root: pathlib.Path | None = None) -> str:
     """A folder of symlinks to BSDS500 train + val images (the test split stays unseen)."""
     src = pathlib.Path(root or data_root()) / "bsds500"
@@ -56,7 +49,6 @@ def get_config(arg: str = ""):
     for a in args:
         if a not in ("cpu", "enhance", "smoke"):
             raise ValueError(f"unknown config argument {a!r}; use cpu, enhance, smoke")
-    register_task()
     c = get_base_config()
     c.task.name = "residual"
     k = c.task.kwargs

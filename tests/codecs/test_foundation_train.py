@@ -7,7 +7,6 @@ import pytest
 
 from diffjax.codecs.foundation import FoundationTask, host_params
 from diffjax.errors import InputError
-from diffjax.train import task as task_mod
 from experiments.configs import foundation_sd21
 
 SMOKE = foundation_sd21.get_config("smoke")
@@ -90,11 +89,10 @@ def test_bad_task_arguments():
 
 
 @pytest.mark.slow
-def test_smoke_config_trains_with_the_train_loop(tmp_path, monkeypatch):
+def test_smoke_config_trains_with_the_train_loop(tmp_path):
     """A few steps of the real loop: finite losses, estimator moves, backbone frozen."""
     from diffjax.train.loop import train
 
-    monkeypatch.setitem(task_mod.TASKS, "foundation", "diffjax.codecs.foundation:FoundationTask")
     c = foundation_sd21.get_config("smoke")
     seen = {}
 
