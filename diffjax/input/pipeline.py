@@ -129,16 +129,26 @@ def prefetch_to_device(iterator: Iterator[Any], put: Callable[[Any], Any],
     done = object()
     stop = threading.Event()
 
+    def offer(item) -> bool:
+        # A blocking put would hang (and leak the thread and its batches) once the
+        # consumer stops early, e.g. at the end of train(); poll the stop flag instead.
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def worker():
         try:
             for item in iterator:
-                if stop.is_set():
+                if stop.is_set() or not offer(put(item)):
                     return
-                q.put(put(item))
         except BaseException as err:  # noqa: BLE001  (re-raised in the consumer)
-            q.put(_Raised(err))
+            offer(_Raised(err))
             return
-        q.put(done)
+        offer(done)
 
     thread = threading.Thread(target=worker, daemon=True, name="diffjax-prefetch")
     thread.start()
@@ -152,6 +162,8 @@ def prefetch_to_device(iterator: Iterator[Any], put: Callable[[Any], Any],
             yield item
     finally:
         stop.set()
+        while not q.empty():  # drop prefetched batches (device memory) now
+            q.get_nowait()
 
 
 class _Raised:
@@ -164,8 +176,10 @@ def dataset_from_config(cfg: Mapping[str, Any], *, global_batch_size: int, seed:
     """Build a pipeline from the ``config.data`` section of an experiment config.
 
     ``kind``: ``"images"`` (``path``, ``crop``), ``"video"`` (``path``, ``num_frames``,
-    ``crop``, ``video_kind``) or ``"tfds"`` (``name``, ``split``, ``data_dir``, ``crop``:
-    a prepared tfds dataset read by grain through ``tfds.data_source``).
+    ``crop``, ``video_kind``) or ``"tfds"`` (``name``, ``split``, ``data_dir``, ``crop``,
+    and ``num_frames`` for video datasets: a dataset prepared in array_record format by
+    :mod:`diffjax.input.tfds_builders`, read by grain through ``as_data_source``; image
+    datasets give ``{"image"}`` batches, video ones ``{"video"}`` clips).
     """
     kind = cfg.get("kind", "images")
     flip = bool(cfg.get("flip", True))
@@ -182,8 +196,13 @@ def dataset_from_config(cfg: Mapping[str, Any], *, global_batch_size: int, seed:
         source = tfds_builders.data_source(cfg["name"], split=cfg.get("split", "train"),
                                            data_dir=cfg.get("data_dir") or None)
         h, w = _crop(cfg)
-        return batched_dataset(source, transforms.CropFlipImage(h, w, flip),
-                               global_batch_size=global_batch_size, seed=seed, **shard)
+        if source.kind == "video":
+            num_frames = int(cfg.get("num_frames") or source.length)
+            transform = transforms.RandomClip(source, num_frames, h, w, flip)
+        else:
+            transform = transforms.CropFlipImage(h, w, flip)
+        return batched_dataset(source, transform, global_batch_size=global_batch_size,
+                               seed=seed, **shard)
     raise InputError(f"unknown data kind {kind!r}; use 'images', 'video' or 'tfds'")
 
 
