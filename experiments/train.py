@@ -48,9 +48,45 @@ def multi_process_environment(env=os.environ) -> bool:
     return False
 
 
+def _one_line(err: BaseException) -> str:
+    """A one-line message for a config/flag error. ml_collections embeds whole tracebacks
+    in its messages (a failing ``get_config``) or quotes ``KeyError`` text with escaped
+    newlines (a misspelled ``--config.key``); keep the line that says what is wrong."""
+    if isinstance(err, OSError) and err.__cause__ is not None:
+        err = err.__cause__  # "Configuration is not available because of ...": the cause
+    text = str(err)
+    if isinstance(err, (KeyError, AttributeError)):
+        text = text.strip("'\"").replace("\\n", "\n").replace("\\'", "'")
+        lines = [l.strip() for l in text.splitlines() if l.strip()]
+        return "unknown config field " + "; ".join(lines)
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    if any(l.startswith("Traceback") for l in lines) or len(lines) > 1:
+        return f"{lines[0].rstrip(':')}: {lines[-1]}" if lines else type(err).__name__
+    return lines[0] if lines else type(err).__name__
+
+
+def _usage_error(err: BaseException):
+    print(f"experiments.train: error: {_one_line(err)} (see --helpshort)", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv):
+    """absl flag parsing, with bad ``--config``/``--config.key=value`` arguments reported
+    as one line and exit status 2 instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as err:
+        _usage_error(err)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = _CONFIG.value
+    try:
+        config.keys  # noqa: B018  (a config file that failed to load raises on any access)
+    except OSError as err:
+        _usage_error(err)
     from absl import logging
 
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
@@ -65,7 +101,7 @@ def main(argv):
     from diffjax.train.loop import train
 
     try:
-        train(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value,
+        train(config, _WORKDIR.value, progress=_PROGRESS.value,
               stop_after=_STOP_AFTER.value)
     except DiffjaxError as err:
         print(f"experiments.train: error: {err}", file=sys.stderr)
@@ -78,7 +114,7 @@ def main(argv):
 
 
 def run():
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

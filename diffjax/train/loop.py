@@ -3,7 +3,8 @@
 ``train(config, workdir)`` builds the task, the grain pipeline, the optimizer and the
 train state (created already sharded, or restored from the latest Orbax checkpoint in
 ``workdir``), then runs ``config.num_train_steps`` steps with a tqdm bar, writing
-``metrics.jsonl`` (and TensorBoard when ``config.tensorboard``) every ``log_every`` steps
+``metrics.jsonl`` (and TensorBoard when ``config.tensorboard``) and one stdout line every
+``log_every`` steps
 and a checkpoint every ``checkpoint_every`` steps.
 
 Resuming is exact: the state carries the optimizer state, EMA, step and root key, and
@@ -20,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
+import sys
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -172,6 +174,8 @@ def train(config, workdir: str | pathlib.Path, *, hooks: Iterable[Hook] = (),
                 for w in writers:
                     w.write(done, host_metrics)
                 bar.set_postfix(loss=f"{host_metrics['loss']:.4g}")
+                if is_main:  # stdout, also in logs of runs without the bar
+                    tqdm.write(format_metrics(done, num_steps, host_metrics), file=sys.stdout)
             bar.update(1)
             if ckpt.should_save(done) and ckpt.save(done, to_save(state), cfg_dict):
                 last_saved = done
@@ -192,6 +196,13 @@ def train(config, workdir: str | pathlib.Path, *, hooks: Iterable[Hook] = (),
         for w in writers:
             w.close()
     return to_save(state)
+
+
+def format_metrics(step: int, num_steps: int, metrics: Mapping[str, float]) -> str:
+    """One stdout line per logged step: ``step 100/1000: loss=0.6123 bpp=0.4201 ...``."""
+    keys = ["loss"] + sorted(k for k in metrics if k != "loss")
+    return f"step {step}/{num_steps}: " + " ".join(f"{k}={metrics[k]:.4g}" for k in keys
+                                                    if k in metrics)
 
 
 def _param_labels(task, opt_cfg: Mapping[str, Any], rng, batch_spec):
