@@ -133,9 +133,12 @@ def make_optimizer(cfg: Mapping[str, Any], num_train_steps: int,
     unknown = set(cfg) - _OPT_KEYS
     if unknown:
         raise InputError(f"unknown optimizer option(s) {sorted(unknown)}; known: {sorted(_OPT_KEYS)}")
-    if labels is None:
-        return _base_optimizer(cfg, num_train_steps)
     groups = dict(_get(cfg, "groups", {}))
+    if labels is None:
+        if groups:  # would be silently ignored: the task labels no parameter
+            raise InputError(f"optimizer groups {sorted(groups)} match no parameter label "
+                             f"(this task gives all parameters one group)")
+        return _base_optimizer(cfg, num_train_steps)
     transforms = {}
     for label in sorted(set(jax.tree.leaves(labels))):
         if label == FROZEN:
