@@ -40,7 +40,7 @@ from diffjax.entropy.models import (
     GaussianConditional,
     bits,
 )
-from diffjax.errors import CheckpointError
+from diffjax.errors import CheckpointError, InputError
 from diffjax.nn.gdn import GDN
 
 Dtype = Any
@@ -184,7 +184,8 @@ class HyperpriorModel(nn.Module):
         chex.assert_rank(x, 4)
         b, h, w, _ = x.shape
         if h % STRIDE or w % STRIDE:
-            raise ValueError(f"image size {h}x{w} is not a multiple of {STRIDE}; pad first")
+            raise InputError(f"image size {h}x{w} is not a multiple of {STRIDE}; pad first "
+                             f"(for training crops: data.crop must be a multiple of {STRIDE})")
         mode = self.train_quantization if train else "round"
         y = self.analysis(x)
         z = self.hyper_analysis(y)
