@@ -46,6 +46,7 @@ TASKS: dict[str, str] = {
     "rate_distortion": "diffjax.train.rate_distortion:RateDistortionTask",
     "residual": "diffjax.codecs.residual_train:ResidualTask",
     "foundation": "diffjax.codecs.foundation:FoundationTask",
+    "latent_denoiser": "diffjax.codecs.latent_denoiser:LatentDenoiserTask",
 }
 
 

@@ -6,34 +6,28 @@ latent denoiser (``UNet2DConditionModel``, zeros context) trained on TAEF2 laten
 noise levels (the codec only runs the end of the process). This config trains the second
 stage, P(y, lambda) + the latent hyperprior, exactly like ``foundation_sd21.py``.
 
+Stage 1, the denoiser, is trained by ``experiments/configs/taef2_denoiser.py`` (task
+``latent_denoiser``) and exported as a diffjax model directory
+(``diffjax.convert.core.save_pretrained``), which is ``task.kwargs.unet_path`` here::
+
+    python -m experiments.train --config=experiments/configs/taef2_denoiser.py:cpu \\
+        --workdir=runs/taef2-denoiser
+    python -m diffjax.codecs.latent_denoiser runs/taef2-denoiser runs/taef2-denoiser-unet
     python -m experiments.train --config=experiments/configs/foundation_taef2.py \\
-        --config.task.kwargs.unet_path=/path/taef2-denoiser --workdir=runs/foundation-taef2
+        --config.task.kwargs.unet_path=runs/taef2-denoiser-unet --workdir=runs/foundation-taef2
     python -m experiments.train --config=experiments/configs/foundation_taef2.py:smoke --workdir=/tmp/fd2
 
-``unet_path`` is a diffjax model directory (``diffjax.convert.core.save_pretrained``) of
-the denoiser; diffjax has no task yet that trains that denoiser (first stage), so without
-it only ``smoke`` (random denoiser) runs. TAEF2 latent statistics measured on 16 BSDS500
-train crops (256 px): mean 0.030, std 0.836, hence ``scaling_factor = 1.2``.
+With ``unet_path`` set, the UNet config is read from it (``DENOISER`` below, the CPU
+denoiser of stage 1, is only the default layout); without it only ``smoke`` (random
+denoiser) makes sense. Keep ``scheduler_config`` equal to stage 1's (both SD 2.1's) and no
+``context_path`` (stage 1 trains with the zeros context). TAEF2 latent statistics measured
+on 16 BSDS500 train crops (256 px): mean 0.030, std 0.836, hence ``scaling_factor = 1.2``.
 BSDS500 is licensed for non-commercial research only.
 """
 from experiments.configs.base import apply_smoke, data_root, get_base_config, parse_arg
 from experiments.configs.foundation_sd21 import SD21_SCHEDULER
-
-TAEF2 = {"latent_channels": 32, "arch_variant": "flux_2", "scaling_factor": 1.2,
-         "shift_factor": 0.0}
-
-# The latent denoiser (first stage): ~20 M parameters, attention at /16 and /32 only.
-DENOISER = dict(
-    in_channels=32, out_channels=32, layers_per_block=2, block_out_channels=(128, 256, 256),
-    norm_num_groups=32, cross_attention_dim=64, attention_head_dim=8,
-    use_linear_projection=True,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-)
-TINY_DENOISER = dict(DENOISER, layers_per_block=1, block_out_channels=(32, 32),
-                     norm_num_groups=8, cross_attention_dim=16, attention_head_dim=4,
-                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+# The backbone is stage 1's: TAEF2 and the denoiser layouts it trained (CPU / smoke).
+from experiments.configs.taef2_denoiser import DENOISER, TAEF2, TINY_DENOISER
 
 
 def get_config(arg: str = ""):
