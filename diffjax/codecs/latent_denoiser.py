@@ -40,11 +40,9 @@ Export (:func:`export_denoiser`): a training workdir of ``experiments/train.py``
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pathlib
 import sys
-import warnings
 from typing import Any, Mapping
 
 import jax
@@ -209,15 +207,6 @@ class LatentDenoiserTask(Task):
 # ----------------------------------------------------------------------------- export
 
 
-def _latest_step(workdir: pathlib.Path) -> int:
-    ckpts = workdir / "checkpoints"
-    steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) \
-        if ckpts.is_dir() else []
-    if not steps:
-        raise CheckpointError(f"{str(workdir)!r} has no finished checkpoint yet")
-    return steps[-1]
-
-
 def read_workdir(workdir: str | pathlib.Path, step: int | None = None,
                  use_ema: bool | None = None) -> tuple[dict, dict, dict]:
     """``(config, unet_params, info)`` of a latent-denoiser training workdir.
@@ -225,31 +214,10 @@ def read_workdir(workdir: str | pathlib.Path, step: int | None = None,
     Reads ``params`` (or ``ema_params``: ``use_ema=None`` picks them when the run kept an
     EMA) of checkpoint ``step`` (default: the latest) without rebuilding the optimizer.
     """
-    import orbax.checkpoint as ocp
+    from diffjax.train.checkpoint import read_workdir_params
 
-    workdir = pathlib.Path(workdir)
-    try:
-        cfg = json.loads((workdir / "config.json").read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{str(workdir)!r} is not a training workdir: {err}") from err
-    name = cfg.get("task", {}).get("name")
-    if name != TASK_NAME:
-        raise CheckpointError(f"{str(workdir)!r} is a {name!r} run, not a {TASK_NAME!r} run")
-    step = _latest_step(workdir) if step is None else int(step)
-    step_dir = (workdir / "checkpoints" / str(step) / "state").absolute()
-    try:
-        with warnings.catch_warnings():  # host numpy arrays are what we want here
-            warnings.filterwarnings("ignore", "Sharding info not provided", UserWarning)
-            state = ocp.PyTreeCheckpointer().restore(step_dir)
-    except Exception as err:  # orbax raises many types
-        raise CheckpointError(f"cannot restore {step_dir}: {err}") from err
-    has_ema = bool(jax.tree.leaves(state.get("ema_params") or {}))
-    if use_ema and not has_ema:
-        raise CheckpointError(f"{step_dir} has no EMA parameters (ema_decay was 0)")
-    ema = has_ema if use_ema is None else bool(use_ema)
-    params = state["ema_params" if ema else "params"]
-    unet = jax.tree.map(lambda a: np.asarray(a), params["unet"])
-    return cfg, unet, {"step": step, "ema": ema}
+    cfg, params, info = read_workdir_params(workdir, step=step, use_ema=use_ema, task=TASK_NAME)
+    return cfg, params["unet"], info
 
 
 def export_denoiser(workdir: str | pathlib.Path, directory: str | pathlib.Path, *,

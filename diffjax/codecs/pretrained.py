@@ -104,24 +104,16 @@ def _config_from_training(cfg: dict) -> tuple[dict, dict]:
 
 
 def _load_workdir(path: pathlib.Path) -> LoadedModel:
-    import orbax.checkpoint as ocp
+    from diffjax.train.checkpoint import latest_step, read_workdir_params
 
-    cfg = json.loads((path / "config.json").read_text())
-    if cfg.get("task", {}).get("name") != "residual":
-        raise CheckpointError(f"{str(path)!r} is a {cfg.get('task', {}).get('name')!r} run, "
-                              "not a residual-codec run")
-    steps = sorted(int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit())
-    if not steps:
-        raise NoWeightsError(f"{str(path)!r} has no finished checkpoint yet")
-    step_dir = path / "checkpoints" / str(steps[-1]) / "state"
     try:
-        state = ocp.PyTreeCheckpointer().restore(step_dir.absolute())
-    except Exception as err:  # orbax raises many types
-        raise CheckpointError(f"cannot restore {step_dir}: {err}") from err
-    params = _to_numpy(state["params"])
+        step = latest_step(path)
+    except CheckpointError as err:
+        raise NoWeightsError(str(err)) from err
+    cfg, params, _ = read_workdir_params(path, step=step, use_ema=False, task="residual")
     config, info = _config_from_training(cfg)
-    info.update(step=steps[-1], default_steps=4, codec="residual")
-    return LoadedModel(config, _device(params), info, str(path))
+    info.update(step=step, default_steps=4, codec="residual")
+    return LoadedModel(config, _device(_to_numpy(params)), info, str(path))
 
 
 def _device(tree: Any) -> Any:

@@ -22,7 +22,10 @@ The target ``r₀`` uses a stopped gradient of ``x̂_base`` (the target must not
 prediction); the base still receives the refiner's gradients through the conditioning and
 through ``x̂ = x̂_base + r̂₀ / s``, so encoder, decoder and UNet train together. The
 "enhancement" mode of the poster (base frozen, only the refiner trains) is the config
-argument ``enhance`` (``optimizer.train_only = ["refiner"]``).
+argument ``enhance`` (``optimizer.train_only = ["refiner"]``). ``refine=False`` (config
+argument ``base``) trains the gained hyperprior alone (``λ_q · bpp + MSE(x, x̂_base)``,
+the refiner frozen and not run): the cheap first stage of a staged CPU schedule whose
+result initialises the joint or enhancement stage (``config.init_from``).
 """
 from __future__ import annotations
 
@@ -52,18 +55,19 @@ class ResidualTask(RateDistortionTask):
 
     def __init__(self, lmbdas: Sequence[float] = (0.0018, 0.0050, 0.0130, 0.0483),
                  rho: float = 0.5, lpips_net: str = "alex", aux_weight: float = 1.0,
-                 **model_kwargs):
+                 refine: bool = True, **model_kwargs):
         from diffjax.models.refiner import SCHEDULER_CONFIG, ResidualCodecModel
 
         self.lmbdas = tuple(float(v) for v in lmbdas)
         model_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_kwargs.items()}
         self.model = ResidualCodecModel(num_qualities=len(self.lmbdas), **model_kwargs)
         self.rho = float(rho)
+        self.refine = bool(refine)
         self.aux_weight = float(aux_weight)
         self.lpips_net = lpips_net
         self.schedule = DiscreteSchedule.from_config(SCHEDULER_CONFIG)
         self.lpips_params = None
-        if self.rho > 0:
+        if self.rho > 0 and self.refine:
             from diffjax.metrics.perceptual import load_lpips_params
 
             self.lpips_params = load_lpips_params(lpips_net)
@@ -86,6 +90,16 @@ class ResidualTask(RateDistortionTask):
         x_base = out["x_base"].astype(jnp.float32)
         mse_base = jnp.mean(jnp.square(x - x_base), axis=(1, 2, 3))
 
+        lam = 1.0 / (255.0 ** 2 * jnp.asarray(self.lmbdas, jnp.float32)[q])
+        aux = self.model.apply({"params": params}, method="aux_loss")
+        psnr = lambda m: -10.0 * jnp.log10(jnp.maximum(jnp.mean(m), 1e-10))  # noqa: E731
+        metrics = {"bpp": jnp.mean(bpp), "mse_base": jnp.mean(mse_base),
+                   "psnr_base": psnr(mse_base), "aux_loss": aux}
+        if not self.refine:  # base stage: the gained hyperprior alone (refiner untouched)
+            loss = jnp.mean(lam * bpp + mse_base)
+            metrics["rd_loss"] = loss
+            return (loss + self.aux_weight * aux / 1000.0) * 1000.0, metrics
+
         s = self.model.residual_scale
         r0 = s * (x - jax.lax.stop_gradient(x_base))
         t = jax.random.randint(k_t, (b,), 0, self.schedule.num_train_timesteps)
@@ -99,16 +113,11 @@ class ResidualTask(RateDistortionTask):
         lp = (lpips_distance(self.lpips_params, x_ref, x, net=self.lpips_net)
               if self.lpips_params is not None else jnp.zeros((b,)))
 
-        lam = 1.0 / (255.0 ** 2 * jnp.asarray(self.lmbdas, jnp.float32)[q])
         per_example = (lam * bpp + mse_base + (1 - self.rho) * mse_ref
                        + self.rho * LPIPS_TO_MSE * lp)
         loss = jnp.mean(per_example)
-        aux = self.model.apply({"params": params}, method="aux_loss")
-        psnr = lambda m: -10.0 * jnp.log10(jnp.maximum(jnp.mean(m), 1e-10))  # noqa: E731
-        metrics = {"bpp": jnp.mean(bpp), "mse_base": jnp.mean(mse_base),
-                   "psnr_base": psnr(mse_base), "mse_refined": jnp.mean(mse_ref),
-                   "psnr_refined": psnr(mse_ref), "lpips_refined": jnp.mean(lp),
-                   "rd_loss": loss, "aux_loss": aux}
+        metrics.update(mse_refined=jnp.mean(mse_ref), psnr_refined=psnr(mse_ref),
+                       lpips_refined=jnp.mean(lp), rd_loss=loss)
         # The loss is scaled by 255² λᶜ-free units; multiply by a constant so its size (and
         # Adam-independent things such as gradient clipping) resembles the hyperprior's.
         return (loss + self.aux_weight * aux / 1000.0) * 1000.0, metrics

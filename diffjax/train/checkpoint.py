@@ -85,3 +85,72 @@ class Checkpointer:
 def abstract_like(tree: Any) -> Any:
     """``ShapeDtypeStruct`` tree (with shardings) of concrete arrays."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def latest_step(workdir: str | os.PathLike) -> int:
+    """The latest finished checkpoint step of a training workdir (``CheckpointError`` if none)."""
+    ckpts = pathlib.Path(workdir) / "checkpoints"
+    steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) \
+        if ckpts.is_dir() else []
+    if not steps:
+        raise CheckpointError(f"{str(workdir)!r} has no finished checkpoint yet")
+    return steps[-1]
+
+
+def read_workdir_params(workdir: str | os.PathLike, *, step: int | None = None,
+                        use_ema: bool | None = None, task: str | None = None
+                        ) -> tuple[dict, Any, dict]:
+    """``(config, params, info)`` of a training workdir, as host numpy arrays.
+
+    Reads ``params`` (or ``ema_params``: ``use_ema=None`` picks them when the run kept an
+    EMA) of checkpoint ``step`` (default: the latest) without rebuilding the optimizer, so a
+    run can be exported, evaluated or used to initialise another run while it trains.
+    ``task``: the expected ``config.task.name`` (a clear error for another kind of run).
+    ``info = {"step", "ema"}``.
+    """
+    import json
+    import warnings
+
+    import numpy as np
+
+    workdir = pathlib.Path(workdir)
+    try:
+        cfg = json.loads((workdir / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{str(workdir)!r} is not a training workdir "
+                              f"(config.json + checkpoints/): {err}") from err
+    name = cfg.get("task", {}).get("name")
+    if task is not None and name != task:
+        raise CheckpointError(f"{str(workdir)!r} is a {name!r} run, not a {task!r} run")
+    step = latest_step(workdir) if step is None else int(step)
+    step_dir = (workdir / "checkpoints" / str(step) / "state").absolute()
+    try:
+        with warnings.catch_warnings():  # host numpy arrays are what we want here
+            warnings.filterwarnings("ignore", "Sharding info not provided", UserWarning)
+            state = ocp.PyTreeCheckpointer().restore(step_dir)
+    except Exception as err:  # orbax raises many types
+        raise CheckpointError(f"cannot restore {step_dir}: {err}") from err
+    has_ema = bool(jax.tree.leaves(state.get("ema_params") or {}))
+    if use_ema and not has_ema:
+        raise CheckpointError(f"{step_dir} has no EMA parameters (ema_decay was 0)")
+    ema = has_ema if use_ema is None else bool(use_ema)
+    params = jax.tree.map(np.asarray, state["ema_params" if ema else "params"])
+    return cfg, params, {"step": step, "ema": ema}
+
+
+def check_same_structure(loaded: Any, expected: Any, what: str) -> None:
+    """Raise ``CheckpointError`` listing missing, unexpected and mis-shaped parameters."""
+    def flat(tree):
+        return {jax.tree_util.keystr(p): tuple(getattr(v, "shape", ()))
+                for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    got, want = flat(loaded), flat(expected)
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted(set(got) - set(want))
+    shapes = sorted(f"{k}: {got[k]} != {want[k]}" for k in set(got) & set(want)
+                    if got[k] != want[k])
+    if missing or unexpected or shapes:
+        parts = [f"{label} ({len(v)}): {', '.join(v[:8])}{' ...' if len(v) > 8 else ''}"
+                 for label, v in (("missing", missing), ("unexpected", unexpected),
+                                  ("wrong shape", shapes)) if v]
+        raise CheckpointError(f"{what} does not match the model: " + "; ".join(parts))

@@ -26,6 +26,7 @@ import time
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from diffjax.errors import InputError
@@ -61,6 +62,26 @@ def _config_differences(saved: Mapping, current: Mapping, prefix: str = "") -> l
         elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
             diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return diffs
+
+
+def _initialise_from(state: st.TrainState, init_from: str, verbose: bool) -> st.TrainState:
+    """A new run's state with the parameters of another run's latest checkpoint
+    (``config.init_from``: a training workdir), e.g. to fine-tune a subtree of a trained
+    model with other losses or frozen parts. Step, optimizer state and RNG stay those of a
+    fresh run; EMA parameters (if any) start from the loaded parameters. Any missing,
+    unexpected or mis-shaped parameter is a ``CheckpointError`` listing them."""
+    if not init_from:
+        return state
+    from diffjax.train.checkpoint import check_same_structure, read_workdir_params
+
+    _, loaded, info = read_workdir_params(init_from, use_ema=False)
+    check_same_structure(loaded, state.params, f"init_from {init_from!r}")
+    params = jax.tree.map(lambda a, ref: jax.device_put(np.asarray(a, ref.dtype), ref.sharding),
+                          loaded, state.params)
+    ema = jax.tree.map(jnp.copy, params) if jax.tree.leaves(state.ema_params) else state.ema_params
+    if verbose:
+        print(f"diffjax train: parameters initialised from {init_from} (step {info['step']})")
+    return state.replace(params=params, ema_params=ema)
 
 
 def train(config, workdir: str | pathlib.Path, *, hooks: Iterable[Hook] = (),
@@ -116,6 +137,7 @@ def train(config, workdir: str | pathlib.Path, *, hooks: Iterable[Hook] = (),
             state = ckpt.restore(start, st.with_shardings(abstract, shardings))
         else:
             state, shardings = st.create_sharded_state(rng, batch_spec, **kw)
+            state = _initialise_from(state, config.get("init_from", ""), is_main)
         step_fn = sp.jit_train_step(task=task, tx=tx, mesh=mesh, state_shardings=shardings,
                                     batch_spec=batch_spec, ema_decay=ema_decay,
                                     rules=_rules(config))
@@ -133,7 +155,7 @@ def train(config, workdir: str | pathlib.Path, *, hooks: Iterable[Hook] = (),
                 jax.eval_shape(init, rng))
             host_state = ckpt.restore(start, abstract)
         else:
-            host_state = jax.jit(init)(rng)
+            host_state = _initialise_from(jax.jit(init)(rng), config.get("init_from", ""), is_main)
         state = sp.replicate(host_state)
         step_fn = sp.pmap_train_step(task=task, tx=tx, ema_decay=ema_decay)
         put = sp.split_for_devices

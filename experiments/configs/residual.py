@@ -8,8 +8,11 @@ separated):
 * ``cpu`` (default): the shipped CPU design, N=64/M=96 base (about a quarter of the
   CompressAI q1-5 cost), refiner UNet (32, 64) running at 1/4 resolution behind a
   space-to-depth stem, 128 px crops, batch 8, Adam 5e-4 with warmup and cosine decay;
+* ``base``: the first stage of the staged CPU schedule: the gained hyperprior alone
+  (``λ·bits + MSE``), the refiner frozen and not run (about 2x cheaper per step);
 * ``enhance``: the poster's enhancement mode, base frozen, only the refiner trains
-  (``--config.optimizer.train_only``); resume it from a jointly trained run's params;
+  (``optimizer.train_only``), started from a trained run's parameters with
+  ``--config.init_from=WORKDIR`` (a ``base`` or joint run);
 * ``smoke``: a few steps of a tiny model on 64 px crops (CPU, seconds).
 
 Data: BSDS500 train + val (``runs/bsds500_trainval``, a folder of links that
@@ -47,8 +50,8 @@ def trainval_dir(root: pathlib.Path | None = None) -> str:
 def get_config(arg: str = ""):
     args = parse_arg(arg)
     for a in args:
-        if a not in ("cpu", "enhance", "smoke"):
-            raise ValueError(f"unknown config argument {a!r}; use cpu, enhance, smoke")
+        if a not in ("cpu", "base", "enhance", "smoke"):
+            raise ValueError(f"unknown config argument {a!r}; use cpu, base, enhance, smoke")
     c = get_base_config()
     c.task.name = "residual"
     k = c.task.kwargs
@@ -75,6 +78,10 @@ def get_config(arg: str = ""):
     c.optimizer.end_learning_rate_factor = 0.1
     c.optimizer.grad_clip_norm = 1.0
     c.optimizer.groups = {"aux": {"learning_rate": 1e-3, "grad_clip_norm": 0.0}}
+    if "base" in args:
+        c.num_train_steps = 12_000
+        k.refine = False
+        c.optimizer.freeze = ["^refiner/"]
     if "enhance" in args:
         c.optimizer.train_only = ["^refiner/"]
         c.optimizer.groups = {}

@@ -146,3 +146,30 @@ def test_finished_run_is_not_retrained(straight, shared_data):
     state = train(make_config(shared_data), workdir, progress=False)
     assert int(state.step) == 4 and max_diff(state.params, ref_state.params) == 0.0
     assert read_metrics(workdir) == ref_metrics
+
+
+def test_init_from_starts_a_new_run_from_another_runs_params(straight, tmp_path, shared_data):
+    """``config.init_from``: step 0 of a new run holds the other run's latest parameters,
+    with a fresh optimizer; then it trains on from there."""
+    ref_state, _, ref_workdir = straight
+    cfg = make_config(shared_data, init_from=str(ref_workdir))
+    started = train(cfg, tmp_path / "a", progress=False, stop_after=0)
+    assert int(started.step) == 0
+    assert max_diff(started.params, ref_state.params) == 0.0
+    assert all(float(np.max(np.abs(np.asarray(m)))) == 0.0
+               for m in jax.tree.leaves(started.opt_state) if np.ndim(m) > 0)
+    trained = train(cfg, tmp_path / "a", progress=False, stop_after=1)
+    assert int(trained.step) == 1 and max_diff(trained.params, ref_state.params) > 0.0
+
+
+def test_init_from_a_different_model_lists_the_mismatches(straight, tmp_path, shared_data):
+    from diffjax.errors import CheckpointError
+
+    _, _, ref_workdir = straight
+    cfg = make_config(shared_data, init_from=str(ref_workdir))
+    cfg.task.kwargs.channels = 12  # other widths: every conv kernel has another shape
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        train(cfg, tmp_path / "b", progress=False, stop_after=0)
+    cfg = make_config(shared_data, init_from=str(tmp_path / "nowhere"))
+    with pytest.raises(CheckpointError, match="not a training workdir"):
+        train(cfg, tmp_path / "c", progress=False, stop_after=0)
