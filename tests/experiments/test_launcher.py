@@ -160,3 +160,16 @@ def test_run_sh_runs_the_train_command_on_all_workers(tmp_path):
     assert dry.stdout.startswith("gcloud compute tpus tpu-vm ssh my-v4-32 ")
     assert "nohup" in dry.stdout and "not a gs:// path" in dry.stderr
     assert not (tmp_path / "python.log").exists()  # a dry run runs nothing
+
+
+@pytest.mark.parametrize("config", ["foundation_sd21.py:smoke", "foundation_taef2.py:smoke"])
+def test_foundation_smoke_configs_train_from_the_command_line(config, tmp_path):
+    """The foundation codec's smoke configs run 2 steps of the real launcher (the other
+    codecs' smoke configs train in tests/codecs: test_residual, test_latent_denoiser)."""
+    proc = launch(f"--config=experiments/configs/{config}", f"--workdir={tmp_path}",
+                  "--config.num_train_steps=2", "--progress=false", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(isinstance(r["loss"], float) and r["loss"] == r["loss"] for r in records)
+    assert (tmp_path / "checkpoints" / "2").is_dir()
