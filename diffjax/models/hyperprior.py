@@ -41,6 +41,7 @@ from diffjax.entropy.models import (
     bits,
 )
 from diffjax.errors import CheckpointError, InputError
+from diffjax.nn.conv_transpose import SubpixelConvTranspose
 from diffjax.nn.gdn import GDN
 
 Dtype = Any
@@ -53,17 +54,19 @@ def conv(features: int, kernel: int = 5, stride: int = 2, **kw) -> nn.Conv:
     return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((p, p), (p, p)), **kw)
 
 
-def deconv(features: int, kernel: int = 5, stride: int = 2, **kw) -> nn.ConvTranspose:
+def deconv(features: int, kernel: int = 5, stride: int = 2, **kw) -> SubpixelConvTranspose:
     """CompressAI ``deconv``: ``ConvTranspose2d(k, s, padding=k//2, output_padding=s-1)``.
 
     The output is exactly ``s`` times the input size. As a convolution of the dilated
     input with the flipped kernel the padding is ``(k-1-k//2, k-1-k//2+s-1)``. Kernel
-    ``[k, k, out, in]`` (Flax ``transpose_kernel``).
+    ``[k, k, out, in]`` (Flax ``transpose_kernel``). Computed as a sub-pixel convolution
+    (:mod:`diffjax.nn.conv_transpose`: same parameters and values as ``nn.ConvTranspose``,
+    ~50x faster kernel gradients on XLA:CPU).
     """
     lo = kernel - 1 - kernel // 2
     hi = lo + stride - 1
-    return nn.ConvTranspose(features, (kernel, kernel), (stride, stride),
-                            padding=((lo, hi), (lo, hi)), transpose_kernel=True, **kw)
+    return SubpixelConvTranspose(features, (kernel, kernel), (stride, stride),
+                                 padding=((lo, hi), (lo, hi)), **kw)
 
 
 class _Stack(nn.Module):
