@@ -118,6 +118,48 @@ def baselines(images, names) -> dict:
     return res
 
 
+def combine(res: dict, committed: str, out_dir: str, anchor: str = "JPEG") -> dict:
+    """Add the base-only and refined curves of ``res`` to the committed baseline results
+    (``results/kodak/rd.json`` of ``experiments/eval_rd.py``, same images), write
+    ``rd.json``-style JSON, the RD plots and the BD-rate table to ``out_dir``, and compare
+    LPIPS with AVIF at equal bpp (AVIF's LPIPS interpolated linearly in log-bpp)."""
+    from diffjax.eval.plots import plot_rd
+    from diffjax.eval.runner import bd_rate_table, format_bd_table
+
+    doc = json.loads(pathlib.Path(committed).read_text())
+    names = [img["name"] for img in doc["dataset"]["images"]]
+    ours = [r["image"] for r in res["points"][0]["images"]]
+    if sorted(ours) != sorted(names):
+        raise SystemExit(f"--combine: {committed} holds other images than the ones evaluated")
+    db = lambda m: float(-10 * np.log10(max(1 - m, 1e-12)))  # noqa: E731
+    for which, label in (("base", "diffjax residual (base only)"),
+                         ("refined", f"diffjax residual (refined, {res['steps']} steps)")):
+        doc["curves"][label] = [
+            {"label": f"quality={p['quality']}", "setting": {"quality": p["quality"],
+                                                             "steps": 0 if which == "base" else res["steps"]},
+             "bpp": p["bpp"], "psnr": p[which]["psnr"], "ms_ssim": p[which]["ms_ssim"],
+             "ms_ssim_db": float(np.mean([db(r[which]["ms_ssim"]) for r in p["images"]])),
+             "lpips": p[which]["lpips"],
+             "enc_s": p["median_encode_s"],
+             "dec_s": p["median_decode_base_s" if which == "base" else "median_decode_refined_s"]}
+            for p in res["points"]]
+    doc["bd_rate"] = bd_rate_table(doc, anchor)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rd.json").write_text(json.dumps(doc, indent=1) + "\n")
+    plot_rd(doc, out, title="Kodak")
+    table = format_bd_table(doc["bd_rate"])
+    (out / "bd_rate.md").write_text(table + "\n")
+    print(table)
+    avif = sorted(doc["curves"]["AVIF"], key=lambda p: p["bpp"])
+    for p in res["points"]:
+        avif_lpips = float(np.interp(np.log(p["bpp"]), np.log([a["bpp"] for a in avif]),
+                                     [a["lpips"] for a in avif]))
+        print(f"q{p['quality']} {p['bpp']:.3f} bpp: LPIPS base {p['base']['lpips']:.4f}, "
+              f"refined {p['refined']['lpips']:.4f}, AVIF at this bpp {avif_lpips:.4f}")
+    return doc
+
+
 def main(argv=None) -> int:
     from experiments.configs.base import data_root
 
@@ -133,6 +175,10 @@ def main(argv=None) -> int:
                          "times an untrained model of that training config")
     ap.add_argument("--random-init", default=None, metavar="CONFIG_ARG",
                     help="use random weights of experiments/configs/residual.py:CONFIG_ARG")
+    ap.add_argument("--combine", default=None, metavar="RD_JSON",
+                    help="committed baseline results (results/kodak/rd.json) to merge with")
+    ap.add_argument("--combine-out", default=None, metavar="DIR",
+                    help="where --combine writes rd.json, RD plots and bd_rate.md")
     args = ap.parse_args(argv)
     from diffjax.codecs.pretrained import load_model
     from diffjax.metrics import bd_rate
@@ -175,6 +221,8 @@ def main(argv=None) -> int:
             print(f"BD-rate (PSNR) of the base decoder vs {name}: {bd:+.1f} %")
         except Exception as err:  # no overlap of the curves
             print(f"BD-rate vs {name}: not computable ({err})")
+    if args.combine:
+        combine(res, args.combine, args.combine_out or str(pathlib.Path(args.out).parent))
     if args.out:
         pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(args.out).write_text(json.dumps(res, indent=1) + "\n")

@@ -149,18 +149,9 @@ class Backbone:
         ``N(0, 0.02)``. Much cheaper than tracing the Flax initialisers of a full SD
         backbone (a jitted SD 2.1 ``init`` compiles for minutes on CPU).
         """
-        rng = np.random.default_rng(seed)
+        from diffjax.nn.layers import host_random_params
 
-        def draw(path, spec):
-            name = str(getattr(path[-1], "key", path[-1]))
-            shape = tuple(spec.shape)
-            if name == "kernel":
-                std = 1.0 / math.sqrt(max(1, int(np.prod(shape[:-1]))))
-                return (rng.standard_normal(shape, np.float32) * std).astype(spec.dtype)
-            base = 1.0 if name == "scale" else 0.0
-            return (base + 0.02 * rng.standard_normal(shape, np.float32)).astype(spec.dtype)
-
-        return jax.tree_util.tree_map_with_path(draw, self.param_shapes())
+        return host_random_params(self.param_shapes(), seed, jitter=0.02)
 
     def encode(self, vae_params, x01: jax.Array) -> jax.Array:
         """Image ``[B, H, W, 3]`` in ``[0, 1]`` -> diffusion latent ``[B, H/f, W/f, C]``."""

@@ -40,10 +40,9 @@ Export (:func:`export_denoiser`): a training workdir of ``experiments/train.py``
 from __future__ import annotations
 
 import argparse
-import math
 import pathlib
 import sys
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +51,7 @@ import numpy as np
 from diffjax.codecs.foundation import Backbone, host_params
 from diffjax.diffusion.losses import WEIGHTINGS, Weighting, denoising_loss
 from diffjax.errors import CheckpointError, InputError
+from diffjax.nn.layers import host_random_params
 from diffjax.train.task import Task
 
 TASK_NAME = "latent_denoiser"
@@ -77,22 +77,6 @@ def denoiser_unet_config(unet_config: Mapping, scheduler_config: Mapping) -> dic
     out["prediction_type"] = canonical_prediction_type(
         sched.get("prediction_type", out.get("prediction_type", "epsilon")))
     return out
-
-
-def lecun_init(shapes: Any, seed: int) -> Any:
-    """Host-drawn parameters for a ``ShapeDtypeStruct`` tree: kernels ``N(0, 1 / fan_in)``,
-    ``scale`` ones, everything else zeros."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, spec):
-        name = str(getattr(path[-1], "key", path[-1]))
-        shape = tuple(spec.shape)
-        if name == "kernel":
-            std = 1.0 / math.sqrt(max(1, int(np.prod(shape[:-1]))))
-            return (rng.standard_normal(shape, np.float32) * std).astype(spec.dtype)
-        return np.full(shape, 1.0 if name == "scale" else 0.0, spec.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 class LatentDenoiserTask(Task):
@@ -156,7 +140,7 @@ class LatentDenoiserTask(Task):
         s = enc_module.factor
         shapes = nn.unbox(jax.eval_shape(lambda: enc_module.init(
             jax.random.key(0), jnp.zeros((1, s, s, 3)))["params"]))
-        return lecun_init(shapes, 0)
+        return host_random_params(shapes, 0)
 
     # ----------------------------------------------------------------- task protocol
     def init_params(self, rng, batch_spec=None) -> dict:
@@ -169,7 +153,7 @@ class LatentDenoiserTask(Task):
         args, kw = unet.dummy_inputs()  # fully convolutional: shapes do not depend on H, W
         shapes = nn.unbox(jax.eval_shape(lambda: unet.init(jax.random.key(0), *args, **kw)))
         seed_words = jax.random.key_data(rng).reshape(-1)
-        return {"unet": host_params(shapes["params"], lambda w: lecun_init(
+        return {"unet": host_params(shapes["params"], lambda w: host_random_params(
             shapes["params"], int.from_bytes(np.asarray(w, "<u4").tobytes(), "little")),
             seed_words)}
 

@@ -106,3 +106,31 @@ def maybe_remat(module_cls: type, remat: bool, static_argnums: tuple[int, ...] =
     are identical either way. ``static_argnums`` count ``self`` as argument 0.
     """
     return nn.remat(module_cls, static_argnums=static_argnums) if remat else module_cls
+
+
+def host_random_params(shapes: Any, seed: int, jitter: float = 0.0) -> Any:
+    """Parameters for a ``ShapeDtypeStruct`` tree drawn with numpy on the host: kernels
+    ``N(0, 1 / fan_in)`` (LeCun normal), ``scale`` leaves ``1``, everything else ``0``, plus
+    ``jitter · N(0, 1)`` on the non-kernel leaves when ``jitter > 0``.
+
+    Much cheaper than tracing Flax initialisers of a large network (a jitted SD 2.1
+    ``init`` compiles for minutes on CPU); deterministic in ``seed``.
+    """
+    import math
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def draw(path, spec):
+        name = str(getattr(path[-1], "key", path[-1]))
+        shape = tuple(spec.shape)
+        if name == "kernel":
+            std = 1.0 / math.sqrt(max(1, int(np.prod(shape[:-1]))))
+            return (rng.standard_normal(shape, np.float32) * std).astype(spec.dtype)
+        base = 1.0 if name == "scale" else 0.0
+        if jitter > 0:
+            return (base + jitter * rng.standard_normal(shape, np.float32)).astype(spec.dtype)
+        return np.full(shape, base, spec.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
