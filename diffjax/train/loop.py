@@ -66,15 +66,25 @@ def _config_differences(saved: Mapping, current: Mapping, prefix: str = "") -> l
 
 def _initialise_from(state: st.TrainState, init_from: str, verbose: bool) -> st.TrainState:
     """A new run's state with the parameters of another run's latest checkpoint
-    (``config.init_from``: a training workdir), e.g. to fine-tune a subtree of a trained
-    model with other losses or frozen parts. Step, optimizer state and RNG stay those of a
-    fresh run; EMA parameters (if any) start from the loaded parameters. Any missing,
-    unexpected or mis-shaped parameter is a ``CheckpointError`` listing them."""
+    (``config.init_from``: a training workdir, or a model folder with ``params.msgpack``
+    such as a shipped model), e.g. to fine-tune a subtree of a trained model with other
+    losses or frozen parts, or to continue training shipped weights. Step, optimizer
+    state and RNG stay those of a fresh run; EMA parameters (if any) start from the loaded
+    parameters. Any missing, unexpected or mis-shaped parameter is a ``CheckpointError``
+    listing them."""
     if not init_from:
         return state
     from diffjax.train.checkpoint import check_same_structure, read_workdir_params
 
-    _, loaded, info = read_workdir_params(init_from, use_ema=False)
+    folder = pathlib.Path(init_from)
+    if (folder / "params.msgpack").is_file():
+        from flax import serialization
+
+        loaded = serialization.msgpack_restore((folder / "params.msgpack").read_bytes())
+        meta = folder / "model.json"
+        info = {"step": json.loads(meta.read_text()).get("step") if meta.is_file() else None}
+    else:
+        _, loaded, info = read_workdir_params(init_from, use_ema=False)
     check_same_structure(loaded, state.params, f"init_from {init_from!r}")
     params = jax.tree.map(lambda a, ref: jax.device_put(np.asarray(a, ref.dtype), ref.sharding),
                           loaded, state.params)

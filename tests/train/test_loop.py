@@ -173,3 +173,17 @@ def test_init_from_a_different_model_lists_the_mismatches(straight, tmp_path, sh
     cfg = make_config(shared_data, init_from=str(tmp_path / "nowhere"))
     with pytest.raises(CheckpointError, match="not a training workdir"):
         train(cfg, tmp_path / "c", progress=False, stop_after=0)
+
+
+def test_init_from_a_model_folder(straight, tmp_path, shared_data):
+    """A model folder (``params.msgpack``, e.g. the shipped weights) starts a run too."""
+    from flax import serialization
+
+    ref_state, _, _ = straight
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "params.msgpack").write_bytes(serialization.msgpack_serialize(
+        jax.tree.map(np.asarray, jax.device_get(ref_state.params))))
+    started = train(make_config(shared_data, init_from=str(folder)), tmp_path / "run",
+                    progress=False, stop_after=0)
+    assert max_diff(started.params, ref_state.params) == 0.0
