@@ -1,8 +1,5 @@
 """The shipped residual-codec weights load and reproduce the committed Kodak results.
 
-NOT COLLECTED YET: no trained weights ship (see diffjax/weights/residual/README.md). When
-they do, rename this file to ``test_residual_weights.py``.
-
 ``results/kodak/residual.json`` was written by ``experiments/bench_residual.py`` with the
 shipped weights (see the model card); compressing two Kodak images again must give the
 same file sizes exactly and the same PSNR (base-only and refined decoders) within 0.01 dB.
