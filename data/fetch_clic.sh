@@ -10,16 +10,12 @@ TRACKS="${2:-all}"
 BASE="https://data.vision.ee.ethz.ch/cvl/clic"
 [ "$TRACKS" = all ] && TRACKS="professional mobile"
 mkdir -p "$DEST/zips"
+source "$(dirname "${BASH_SOURCE[0]}")/download.sh"
 
-fetch() {  # fetch URL FILE: download to FILE.part, then rename (resumable, atomic)
+fetch() {  # fetch URL FILE: download unless FILE is already there
   if [ -s "$2" ]; then echo "have $2"; return; fi
   echo "fetching $1"
-  if command -v curl >/dev/null 2>&1; then
-    curl -fL --retry 3 -C - -o "$2.part" "$1" || return 1
-  else
-    wget -c -O "$2.part" "$1" || return 1
-  fi
-  mv "$2.part" "$2"
+  download "$1" "$2"
 }
 
 extract_pngs() {  # extract_pngs ZIP OUTDIR: every PNG of the zip, flattened into OUTDIR

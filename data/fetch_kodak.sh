@@ -8,14 +8,7 @@ DEST="${1:-${DIFFJAX_DATA:-$HOME/diffjax_data}/kodak}"
 BASE="https://r0k.us/graphics/kodak/kodak"
 mkdir -p "$DEST"
 
-fetch() {  # fetch URL FILE: download to FILE.part, then rename (resumable, atomic)
-  if command -v curl >/dev/null 2>&1; then
-    curl -fL --retry 3 -C - -o "$2.part" "$1"
-  else
-    wget -c -O "$2.part" "$1"
-  fi
-  mv "$2.part" "$2"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/download.sh"
 
 # md5 of the copies the diffjax results were computed on (byte-identical to r0k.us).
 MD5SUMS='
@@ -50,7 +43,7 @@ for i in $(seq -w 1 24); do
   f="kodim$i.png"
   if [ -s "$DEST/$f" ]; then continue; fi
   echo "fetching $BASE/$f"
-  fetch "$BASE/$f" "$DEST/$f"
+  download "$BASE/$f" "$DEST/$f"
   fetched=$((fetched + 1))
 done
 

@@ -13,6 +13,7 @@ SEQUENCES=("$@")
 [ ${#SEQUENCES[@]} -gt 0 ] || SEQUENCES=(Beauty Bosphorus HoneyBee Jockey ReadySteadyGo ShakeNDry YachtRide)
 BASE="https://ultravideo.fi/video"
 mkdir -p "$DEST/archives"
+source "$(dirname "${BASH_SOURCE[0]}")/download.sh"
 
 extract() {  # extract ARCHIVE OUTDIR
   local z
@@ -30,12 +31,7 @@ for name in "${SEQUENCES[@]}"; do
   archive="$DEST/archives/${stem}_RAW.7z"
   if [ ! -s "$archive" ]; then
     echo "fetching $BASE/${stem}_RAW.7z"
-    if command -v curl >/dev/null 2>&1; then
-      curl -fL --retry 3 -C - -o "$archive.part" "$BASE/${stem}_RAW.7z"
-    else
-      wget -c -O "$archive.part" "$BASE/${stem}_RAW.7z"
-    fi
-    mv "$archive.part" "$archive"
+    download "$BASE/${stem}_RAW.7z" "$archive"
   fi
   tmp="$(mktemp -d "$DEST/.extract.XXXXXX")"
   extract "$archive" "$tmp"

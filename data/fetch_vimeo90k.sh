@@ -10,6 +10,7 @@ DEST="${1:-${DIFFJAX_DATA:-$HOME/diffjax_data}/vimeo90k}"
 URL="http://data.csail.mit.edu/tofu/dataset/vimeo_septuplet.zip"
 ZIP="$DEST/vimeo_septuplet.zip"
 mkdir -p "$DEST"
+source "$(dirname "${BASH_SOURCE[0]}")/download.sh"
 
 if [ -f "$DEST/vimeo_septuplet/sep_trainlist.txt" ] && [ -d "$DEST/vimeo_septuplet/sequences" ]; then
   echo "Vimeo-90k already extracted in $DEST/vimeo_septuplet"
@@ -18,12 +19,7 @@ else
   echo "Vimeo-90k septuplets: 82 GB download + 82 GB extracted; $free_gb GB free in $DEST"
   if [ ! -s "$ZIP" ]; then
     echo "fetching $URL"
-    if command -v curl >/dev/null 2>&1; then
-      curl -fL --retry 5 -C - -o "$ZIP.part" "$URL"
-    else
-      wget -c -O "$ZIP.part" "$URL"
-    fi
-    mv "$ZIP.part" "$ZIP"
+    download "$URL" "$ZIP" 5
   fi
   echo "extracting $ZIP"
   if command -v unzip >/dev/null 2>&1; then unzip -q -n "$ZIP" -d "$DEST"

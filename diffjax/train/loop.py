@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.errors import InputError
+from diffjax.errors import CheckpointError, InputError
 from diffjax.input import pipeline
 from diffjax.train import optim, sharding as sh, state as st, step as sp
 from diffjax.train.checkpoint import Checkpointer
@@ -80,7 +80,11 @@ def _initialise_from(state: st.TrainState, init_from: str, verbose: bool) -> st.
     if (folder / "params.msgpack").is_file():
         from flax import serialization
 
-        loaded = serialization.msgpack_restore((folder / "params.msgpack").read_bytes())
+        try:
+            loaded = serialization.msgpack_restore((folder / "params.msgpack").read_bytes())
+        except (OSError, ValueError, TypeError) as err:
+            raise CheckpointError(f"init_from {init_from!r}: cannot read params.msgpack: "
+                                  f"{err}") from err
         meta = folder / "model.json"
         info = {"step": json.loads(meta.read_text()).get("step") if meta.is_file() else None}
     else:

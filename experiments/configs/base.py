@@ -36,7 +36,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.ema_decay = 0.0                 # 0 = no EMA parameters
     c.tensorboard = False
-    c.init_from = ""                  # a training workdir whose latest params start this run
+    c.init_from = ""                  # training workdir / model folder whose params start this run
     c.parallel = "jit"                # "jit" (mesh shardings) or "pmap"
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})   # -1 = all remaining devices
     c.fsdp_min_size = 0               # >0: also fsdp-shard unannotated params this large

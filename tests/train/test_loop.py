@@ -187,3 +187,14 @@ def test_init_from_a_model_folder(straight, tmp_path, shared_data):
     started = train(make_config(shared_data, init_from=str(folder)), tmp_path / "run",
                     progress=False, stop_after=0)
     assert max_diff(started.params, ref_state.params) == 0.0
+
+
+def test_init_from_a_corrupt_model_folder_is_a_clear_error(tmp_path, shared_data):
+    from diffjax.errors import CheckpointError
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "params.msgpack").write_bytes(b"\x93not msgpack params")
+    with pytest.raises(CheckpointError, match="cannot read params.msgpack"):
+        train(make_config(shared_data, init_from=str(folder)), tmp_path / "run",
+              progress=False, stop_after=0)
