@@ -488,6 +488,27 @@ class FoundationCodec(Codec):
                                         width=wd, quality=self.quality)
         return out
 
+    def _unpack(self, data: bytes, fingerprint: bytes):
+        """(header, sections, t, gamma [2, C]) of a bitstream, validated."""
+        meta = self._meta_struct()
+        header, sections = bitstream.unpack(data, codec_id=self.codec_id,
+                                            fingerprint=fingerprint)
+        if (header.frames, header.channels, len(sections)) != (1, 3, 3) or \
+                len(sections[0]) != meta.size:
+            raise CorruptError("foundation bitstream has the wrong section layout")
+        side = np.asarray(meta.unpack_from(sections[0]), np.float16).astype(np.float32)
+        t, gamma = side[0], side[1:].reshape(2, -1)
+        if not (np.all(np.isfinite(side)) and 0.0 < t <= 1.0):
+            raise CorruptError("foundation bitstream carries invalid side information")
+        return header, sections, t, gamma
+
+    def side_info(self, params: Any, data: bytes) -> dict:
+        """What the encoder's estimator chose for a bitstream: ``t``, the DDIM step count a
+        default decode runs, and gamma (``log_scale``, ``shift`` per latent channel)."""
+        _, _, t, gamma = self._unpack(data, self._prepared(params)[0])
+        return {"t": float(t), "steps": self.predicted_steps(t), "log_scale": gamma[0],
+                "shift": gamma[1]}
+
     def decode_batch(self, params: Any, datas: Sequence[bytes], *, t: float | None = None,
                      num_steps: int | None = None, mesh=None) -> list:
         """Decode bitstreams (optionally overriding ``t`` / the step count).
@@ -502,18 +523,9 @@ class FoundationCodec(Codec):
                                           and 1 <= num_steps <= 1000):
             raise InputError(f"num_steps must be an integer in 1..1000, got {num_steps!r}")
         fingerprint, w_table, medians = self._prepared(params)
-        meta = self._meta_struct()
         items = []
         for data in datas:
-            header, sections = bitstream.unpack(data, codec_id=self.codec_id,
-                                                fingerprint=fingerprint)
-            if (header.frames, header.channels, len(sections)) != (1, 3, 3) or \
-                    len(sections[0]) != meta.size:
-                raise CorruptError("foundation bitstream has the wrong section layout")
-            side = np.asarray(meta.unpack_from(sections[0]), np.float16).astype(np.float32)
-            t_i, gamma = side[0], side[1:].reshape(2, -1)
-            if not (np.all(np.isfinite(side)) and 0.0 < t_i <= 1.0):
-                raise CorruptError("foundation bitstream carries invalid side information")
+            header, sections, t_i, gamma = self._unpack(data, fingerprint)
             z_shape, w_shape = self._geometry(header.height, header.width)
             w = coder.decode(sections[1], _channel_indexes(w_shape), w_table)
             t_i = np.float32(t) if t is not None else t_i

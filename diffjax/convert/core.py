@@ -186,7 +186,7 @@ def read_model_config(path: str | pathlib.Path) -> dict:
     """The JSON document of a diffjax model directory (raises ``CheckpointError`` if not one)."""
     import orbax.checkpoint as ocp
 
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).absolute()  # Orbax refuses relative paths
     if not (path / "config").is_dir() or not (path / "params").is_dir():
         raise CheckpointError(f"{path} is not a diffjax model directory (no config/ and params/)")
     with _checkpointer() as ckptr:
@@ -220,7 +220,7 @@ def load_pretrained(path: str | pathlib.Path, component: str | None = None, *,
     """
     import orbax.checkpoint as ocp
 
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).absolute()  # Orbax refuses relative paths
     if component is not None:
         path = path / component
     elif not (path / "config").is_dir() and components_of(path):

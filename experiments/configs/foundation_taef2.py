@@ -13,9 +13,16 @@ Stage 1, the denoiser, is trained by ``experiments/configs/taef2_denoiser.py`` (
     python -m experiments.train --config=experiments/configs/taef2_denoiser.py:cpu \\
         --workdir=runs/taef2-denoiser
     python -m diffjax.codecs.latent_denoiser runs/taef2-denoiser runs/taef2-denoiser-unet
-    python -m experiments.train --config=experiments/configs/foundation_taef2.py \\
+    python -m experiments.train --config=experiments/configs/foundation_taef2.py:cpu \\
         --config.task.kwargs.unet_path=runs/taef2-denoiser-unet --workdir=runs/foundation-taef2
+    python -m experiments.eval_foundation runs/foundation-taef2 ../shared/data/kodak \\
+        --out results/kodak/foundation_taef2 --combine results/kodak/residual/rd.json
     python -m experiments.train --config=experiments/configs/foundation_taef2.py:smoke --workdir=/tmp/fd2
+
+Arguments: none (the paper's setting: 256 px crops, batch 16, constant lr 1e-4, 100k
+steps); ``cpu``: the instance measured here, sized for one stretch on a 2-core CPU (128 px
+crops, batch 8, 2k steps, Adam 3e-4 with warmup + cosine, BSDS500 train + val);
+``smoke``: a few steps with a random tiny denoiser (tests).
 
 With ``unet_path`` set, the UNet config is read from it (``DENOISER`` below, the CPU
 denoiser of stage 1, is only the default layout); without it only ``smoke`` (random
@@ -26,15 +33,16 @@ BSDS500 is licensed for non-commercial research only.
 """
 from experiments.configs.base import apply_smoke, data_root, get_base_config, parse_arg
 from experiments.configs.foundation_sd21 import SD21_SCHEDULER
+from experiments.configs.residual import trainval_dir
 # The backbone is stage 1's: TAEF2 and the denoiser layouts it trained (CPU / smoke).
 from experiments.configs.taef2_denoiser import DENOISER, TAEF2, TINY_DENOISER
 
 
 def get_config(arg: str = ""):
     args = parse_arg(arg)
-    unknown = args - {"smoke"}
+    unknown = args - {"cpu", "smoke"}
     if unknown:
-        raise ValueError(f"unknown config argument(s) {sorted(unknown)}; use 'smoke'")
+        raise ValueError(f"unknown config argument(s) {sorted(unknown)}; use cpu, smoke")
     c = get_base_config()
     c.task.name = "foundation"
     kw = c.task.kwargs
@@ -56,6 +64,20 @@ def get_config(arg: str = ""):
     c.optimizer.learning_rate = 1e-4
     c.optimizer.schedule = "constant"
     c.optimizer.groups = {"aux": {"learning_rate": 1e-3, "grad_clip_norm": 0.0}}
+    if "cpu" in args:  # the measured instance: one 2-core CPU stretch (see the module doc)
+        c.data.path = trainval_dir()
+        c.data.crop = 128
+        c.data.num_threads = 2
+        c.batch_size = 8
+        c.num_train_steps = 2_000
+        c.log_every = 20
+        c.checkpoint_every = 250
+        c.keep_checkpoints = 2
+        c.optimizer.learning_rate = 3e-4
+        c.optimizer.warmup_steps = 100
+        c.optimizer.schedule = "cosine"
+        c.optimizer.end_learning_rate_factor = 0.1
+        c.optimizer.grad_clip_norm = 1.0
     if "smoke" in args:
         apply_smoke(c)
         kw.unet_config = dict(TINY_DENOISER)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,6 +114,20 @@ def test_cli_converts_the_committed_sample(tmp_path, capsys):
     assert main(["convert", str(SAMPLE), str(tmp_path / "u"), "--component", "unet",
                  "--prediction-type", "epsilon", "--no-progress"]) == 0
     assert load_pretrained(tmp_path / "u")[0].prediction_type == "epsilon"
+
+
+def test_relative_model_paths_load(tmp_path, monkeypatch):
+    """Orbax refuses relative paths; users type them (``--config.task.kwargs.unet_path=runs/x``)."""
+    from diffjax.convert.core import save_pretrained
+
+    module = build_model({"_class_name": "AutoencoderKL", "block_out_channels": [8],
+                          "norm_num_groups": 4, "latent_channels": 2})
+    params = flax.linen.unbox(module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"])
+    monkeypatch.chdir(tmp_path)
+    save_pretrained("rel/vae", module, params)
+    assert read_model_config("rel/vae")["config"]["latent_channels"] == 2
+    _same(load_pretrained("rel/vae")[1], params)
+    _same(load_pretrained("rel", "vae")[1], params)
 
 
 def test_model_from_config_dicts():

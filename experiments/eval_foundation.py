@@ -1,0 +1,167 @@
+"""Kodak rate-distortion of a trained foundation latent codec (Relic et al., ECCV 2024).
+
+One model covers every rate: each ``lambda`` of ``--lambdas`` (the codec's ``quality``) is
+one rate point. Every image is encoded to a real bitstream, written to disk, read back and
+decoded (:func:`diffjax.eval.runner.evaluate_rd`), so bpp is the file size. Besides the RD
+results this records what the parameter estimator chose per image -- the denoising
+timestep ``t`` and the number of DDIM steps the decoder ran (read back from the
+bitstreams' side information) -- and plots how ``t``, bpp and quality move with lambda.
+
+    python -m experiments.eval_foundation runs/foundation-taef2 ../shared/data/kodak \\
+        --out results/kodak/foundation_taef2 --combine results/kodak/residual/rd.json
+
+``--combine`` adds the curves of a committed ``rd.json`` of the same images (the classical
+baselines and the residual codec) to the plots and the BD-rate table. Outputs in ``--out``:
+``rd.json``, ``rd_psnr.png``, ``rd_ms_ssim.png``, ``rd_lpips.png``, ``bd_rate.md``,
+``lambda.json`` and ``lambda.png`` (t, steps, bpp, PSNR and LPIPS against lambda).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CURVE = "diffjax foundation (TAEF2)"
+# task.kwargs of the foundation training config that are codec constructor arguments
+CODEC_KEYS = ("vae", "vae_config", "scheduler_config", "estimator_features",
+              "hyper_channels", "init_t", "num_inference_steps")
+
+
+def load_model(workdir: str, step: int | None = None, use_ema: bool = False):
+    """(codec kwargs, params, step) of a foundation training workdir."""
+    from diffjax.convert.core import read_model_config
+    from diffjax.errors import CheckpointError
+    from diffjax.eval.points import load_checkpoint
+
+    params, config, step = load_checkpoint(workdir, step, use_ema)
+    task = config.get("task", {})
+    if task.get("name") != "foundation":
+        raise CheckpointError(f"{workdir}: task {task.get('name')!r} is not 'foundation'")
+    kw = task["kwargs"]
+    kwargs = {k: kw[k] for k in CODEC_KEYS if k in kw}
+    kwargs["unet_config"] = (read_model_config(kw["unet_path"])["config"]
+                             if kw.get("unet_path") else kw["unet_config"])
+    return kwargs, params, step
+
+
+def lambda_table(result: dict, codecs: dict, params, bitstream_dir: pathlib.Path) -> list:
+    """Per lambda: mean bpp/PSNR/MS-SSIM/LPIPS and the predicted t / step counts."""
+    from diffjax.eval.runner import _slug
+
+    rows = []
+    for p in result["curves"][CURVE]:
+        lam = p["setting"]["quality"]
+        codec = codecs[lam]
+        folder = bitstream_dir / _slug(CURVE) / _slug(p["label"])
+        sides = [codec.side_info(params, (folder / (pathlib.Path(r["image"]).stem + ".bin"))
+                                 .read_bytes()) for r in p["per_image"]]
+        ts = np.array([s["t"] for s in sides])
+        steps = np.array([s["steps"] for s in sides])
+        rows.append({"lambda": lam, "bpp": p["bpp"], "psnr": p["psnr"], "ms_ssim": p["ms_ssim"],
+                     "lpips": p["lpips"], "t_mean": float(ts.mean()), "t_min": float(ts.min()),
+                     "t_max": float(ts.max()), "steps_mean": float(steps.mean()),
+                     "steps_min": int(steps.min()), "steps_max": int(steps.max()),
+                     "dec_s": p["dec_s"], "enc_s": p["enc_s"]})
+    return sorted(rows, key=lambda r: r["lambda"])
+
+
+def plot_lambda(rows: list, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lam = [r["lambda"] for r in rows]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    axes[0].errorbar(lam, [r["t_mean"] for r in rows], capsize=3, marker="o",
+                     yerr=[[r["t_mean"] - r["t_min"] for r in rows],
+                           [r["t_max"] - r["t_mean"] for r in rows]])
+    axes[0].set_ylabel("predicted t (mean, min-max)")
+    axes[1].plot(lam, [r["bpp"] for r in rows], marker="o")
+    axes[1].set_ylabel("bpp")
+    axes[2].plot(lam, [r["psnr"] for r in rows], marker="o")
+    axes[2].set_ylabel("PSNR (dB)")
+    axes[3].plot(lam, [r["lpips"] for r in rows], marker="o")
+    axes[3].set_ylabel("LPIPS (alex)")
+    for ax in axes:
+        ax.set_xlabel("lambda")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    fig.suptitle("foundation codec (TAEF2) on Kodak: what the estimator picks per lambda")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdir", help="foundation training workdir (Orbax checkpoints)")
+    parser.add_argument("images", help="folder of evaluation images (Kodak)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--lambdas", default="1,5,10,20", help="comma list (the codec quality)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")
+    parser.add_argument("--ema", action="store_true", help="use the EMA parameters")
+    parser.add_argument("--combine", default=None,
+                        help="rd.json of the same images whose curves join the plots/BD table")
+    parser.add_argument("--anchor", default="JPEG")
+    parser.add_argument("--limit", type=int, default=None, help="first N images only")
+    args = parser.parse_args(argv)
+
+    from diffjax.codecs.foundation import FoundationCodec
+    from diffjax.eval.plots import plot_rd
+    from diffjax.eval.points import codec_point
+    from diffjax.eval.runner import bd_rate_table, evaluate_rd, format_bd_table, load_images
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs, params, step = load_model(args.workdir, args.step, args.ema)
+    images = load_images(args.images, args.limit)
+    codecs = {int(v): FoundationCodec(int(v), **kwargs) for v in args.lambdas.split(",")}
+    points = [codec_point(c, params, curve=CURVE, label=f"lambda={lam}",
+                          setting={"quality": lam, "checkpoint": args.workdir, "step": step})
+              for lam, c in codecs.items()]
+    bitstreams = out / "bitstreams"
+    result = evaluate_rd(points, images, bitstream_dir=bitstreams, dataset="kodak",
+                         anchor=args.anchor)
+    rows = lambda_table(result, codecs, params, bitstreams)
+    for f in bitstreams.rglob("*.bin"):
+        f.unlink()
+    for d in sorted(bitstreams.rglob("*"), reverse=True):
+        d.rmdir()
+    bitstreams.rmdir()
+
+    if args.combine:
+        other = json.loads(pathlib.Path(args.combine).read_text())
+        names = sorted(im["name"] for im in other["dataset"]["images"])
+        if names != sorted(n for n, _ in images):
+            raise SystemExit(f"--combine: {args.combine} holds other images than the ones "
+                             "evaluated")
+        result["curves"] = {**other["curves"], **result["curves"]}
+        result["references"] = {**other.get("references", {}), **result["references"]}
+    result["argv"] = sys.argv
+    result["bd_rate"] = bd_rate_table(result, args.anchor)
+    (out / "rd.json").write_text(json.dumps(result, indent=1))
+    (out / "lambda.json").write_text(json.dumps(rows, indent=1))
+    (out / "bd_rate.md").write_text(format_bd_table(result["bd_rate"]))
+    plot_rd(result, out, title="Kodak: foundation codec (TAEF2) vs residual codec and baselines")
+    plot_lambda(rows, out / "lambda.png")
+
+    print("| lambda | bpp | PSNR | MS-SSIM | LPIPS | t (mean, min-max) | DDIM steps | decode s |")
+    print("|---:|---:|---:|---:|---:|---|---|---:|")
+    for r in rows:
+        print(f"| {r['lambda']} | {r['bpp']:.3f} | {r['psnr']:.2f} | {r['ms_ssim']:.4f} | "
+              f"{r['lpips']:.3f} | {r['t_mean']:.3f} ({r['t_min']:.3f}-{r['t_max']:.3f}) | "
+              f"{r['steps_min']}-{r['steps_max']} | {r['dec_s']:.2f} |")
+    print()
+    print(format_bd_table(result["bd_rate"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
