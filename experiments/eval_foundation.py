@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ema", action="store_true", help="use the EMA parameters")
     parser.add_argument("--combine", default=None,
                         help="rd.json of the same images whose curves join the plots/BD table")
-    parser.add_argument("--anchor", default="JPEG")
+    parser.add_argument("--anchor", default="JPEG", help="BD-rate anchor curve (with --combine)")
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
     args = parser.parse_args(argv)
 
@@ -127,8 +127,7 @@ def main(argv=None) -> int:
                           setting={"quality": lam, "checkpoint": args.workdir, "step": step})
               for lam, c in codecs.items()]
     bitstreams = out / "bitstreams"
-    result = evaluate_rd(points, images, bitstream_dir=bitstreams, dataset="kodak",
-                         anchor=args.anchor)
+    result = evaluate_rd(points, images, bitstream_dir=bitstreams, dataset="kodak")
     rows = lambda_table(result, codecs, params, bitstreams)
     for f in bitstreams.rglob("*.bin"):
         f.unlink()
@@ -145,7 +144,9 @@ def main(argv=None) -> int:
         result["curves"] = {**other["curves"], **result["curves"]}
         result["references"] = {**other.get("references", {}), **result["references"]}
     result["argv"] = sys.argv
-    result["bd_rate"] = bd_rate_table(result, args.anchor)
+    # the anchor (a baseline) comes with --combine; alone, the table is relative to lambda's curve
+    anchor = args.anchor if args.anchor in result["curves"] else None
+    result["bd_rate"] = bd_rate_table(result, anchor)
     (out / "rd.json").write_text(json.dumps(result, indent=1))
     (out / "lambda.json").write_text(json.dumps(rows, indent=1))
     (out / "bd_rate.md").write_text(format_bd_table(result["bd_rate"]))
@@ -154,8 +155,9 @@ def main(argv=None) -> int:
 
     print("| lambda | bpp | PSNR | MS-SSIM | LPIPS | t (mean, min-max) | DDIM steps | decode s |")
     print("|---:|---:|---:|---:|---:|---|---|---:|")
-    for r in rows:
-        print(f"| {r['lambda']} | {r['bpp']:.3f} | {r['psnr']:.2f} | {r['ms_ssim']:.4f} | "
+    for r in rows:  # MS-SSIM is None for images under 161 px a side (5 scales)
+        ms = "n/a" if r["ms_ssim"] is None else f"{r['ms_ssim']:.4f}"
+        print(f"| {r['lambda']} | {r['bpp']:.3f} | {r['psnr']:.2f} | {ms} | "
               f"{r['lpips']:.3f} | {r['t_mean']:.3f} ({r['t_min']:.3f}-{r['t_max']:.3f}) | "
               f"{r['steps_min']}-{r['steps_max']} | {r['dec_s']:.2f} |")
     print()

@@ -119,3 +119,14 @@ def test_taef2_configs_build():
         bb = t.codec.backbone
         assert (bb.kind, bb.latent_channels, bb.vae_factor, bb.scaling_factor) == ("taesd", 32, 8, 1.2)
         assert sorted(t._loaders()) == ["vae"]  # the real TAEF2 weights; unet_path still to set
+
+
+def test_loss_sends_no_gradient_into_the_frozen_backbone(task):
+    """The frozen VAE/UNet get zero gradients (so XLA drops their weight gradients) while
+    the estimator and entropy model train."""
+    params = nn.unbox(jax.jit(task.init_params)(jax.random.key(0)))
+    x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+    grads = jax.jit(jax.grad(lambda p: task.loss_fn(p, {"image": x}, jax.random.key(2), 0)[0]))(params)
+    for name in ("vae", "unet"):
+        assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads[name])), name
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads["model"]["estimator"])) > 0
