@@ -74,3 +74,40 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.data.num_threads = 2
     c.optimizer.warmup_steps = 0
     return c
+
+
+def trainval_dir(root: pathlib.Path | None = None) -> str:
+    """A folder of symlinks to BSDS500 train + val images (the test split stays unseen)."""
+    src = pathlib.Path(root or data_root()) / "bsds500"
+    out = REPO_ROOT / "runs" / "bsds500_trainval"
+    if not (src / "train").is_dir():
+        return str(src / "train")  # the loader reports the missing folder
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        for f in sorted((src / split).iterdir()):
+            link = out / f"{split}_{f.name}"
+            if not link.exists():
+                os.symlink(f.resolve(), link)
+    return str(out)
+
+
+def apply_cpu_stretch(c: ml_collections.ConfigDict, *, crop: int, steps: int,
+                      learning_rate: float, warmup_steps: int, log_every: int,
+                      checkpoint_every: int, batch_size: int = 8) -> ml_collections.ConfigDict:
+    """The shared shape of the runs trained on this project's 2-core CPU machines: BSDS500
+    train + val (:func:`trainval_dir`), 2 loader threads, warmup + cosine to 0.1x, gradient
+    clipping at 1, the last 2 checkpoints kept."""
+    c.data.path = trainval_dir()
+    c.data.crop = crop
+    c.data.num_threads = 2
+    c.batch_size = batch_size
+    c.num_train_steps = steps
+    c.log_every = log_every
+    c.checkpoint_every = checkpoint_every
+    c.keep_checkpoints = 2
+    c.optimizer.learning_rate = learning_rate
+    c.optimizer.warmup_steps = warmup_steps
+    c.optimizer.schedule = "cosine"
+    c.optimizer.end_learning_rate_factor = 0.1
+    c.optimizer.grad_clip_norm = 1.0
+    return c

@@ -34,9 +34,9 @@ denoiser) makes sense. Keep ``scheduler_config`` equal to stage 1's (both SD 2.1
 on 16 BSDS500 train crops (256 px): mean 0.030, std 0.836, hence ``scaling_factor = 1.2``.
 BSDS500 is licensed for non-commercial research only.
 """
-from experiments.configs.base import apply_smoke, data_root, get_base_config, parse_arg
+from experiments.configs.base import (apply_cpu_stretch, apply_smoke, data_root, get_base_config,
+                                      parse_arg)
 from experiments.configs.foundation_sd21 import SD21_SCHEDULER
-from experiments.configs.residual import trainval_dir
 # The backbone is stage 1's: TAEF2 and the denoiser layouts it trained (CPU / smoke).
 from experiments.configs.taef2_denoiser import DENOISER, TAEF2, TINY_DENOISER
 
@@ -68,19 +68,8 @@ def get_config(arg: str = ""):
     c.optimizer.schedule = "constant"
     c.optimizer.groups = {"aux": {"learning_rate": 1e-3, "grad_clip_norm": 0.0}}
     if "cpu" in args:  # the measured instance: one 2-core CPU stretch (see the module doc)
-        c.data.path = trainval_dir()
-        c.data.crop = 64
-        c.data.num_threads = 2
-        c.batch_size = 8
-        c.num_train_steps = 1_200
-        c.log_every = 20
-        c.checkpoint_every = 200
-        c.keep_checkpoints = 2
-        c.optimizer.learning_rate = 3e-4
-        c.optimizer.warmup_steps = 50
-        c.optimizer.schedule = "cosine"
-        c.optimizer.end_learning_rate_factor = 0.1
-        c.optimizer.grad_clip_norm = 1.0
+        apply_cpu_stretch(c, crop=64, steps=1_200, learning_rate=3e-4, warmup_steps=50,
+                          log_every=20, checkpoint_every=200)
     if "smoke" in args:
         apply_smoke(c)
         kw.unet_config = dict(TINY_DENOISER)

@@ -24,35 +24,18 @@ The shipped model was trained in two stages on a 2-core CPU (see its model card)
         --config.init_from=runs/residual-base --workdir=runs/residual-enhance   # 1.5k steps
 
 Data: BSDS500 train + val (``runs/bsds500_trainval``, a folder of links that
-``trainval_dir()`` creates; never Kodak). BSDS500 is licensed for non-commercial research.
+``experiments.configs.base.trainval_dir()`` creates; never Kodak). BSDS500 is licensed for
+non-commercial research.
 
     python -m experiments.train --config=experiments/configs/residual.py:cpu \
         --workdir=runs/residual-cpu
 """
 from __future__ import annotations
 
-import os
-import pathlib
-
-from experiments.configs.base import REPO_ROOT, apply_smoke, data_root, get_base_config, parse_arg
+from experiments.configs.base import apply_cpu_stretch, apply_smoke, get_base_config, parse_arg
 
 # CompressAI-style lambda per quality (ascending rate): q1..q4 of the shipped model.
 LMBDAS = (0.0018, 0.0050, 0.0130, 0.0483)
-
-
-def trainval_dir(root: pathlib.Path | None = None) -> str:
-    """A folder of symlinks to BSDS500 train + val images (the test split stays unseen)."""
-    src = pathlib.Path(root or data_root()) / "bsds500"
-    out = REPO_ROOT / "runs" / "bsds500_trainval"
-    if not (src / "train").is_dir():
-        return str(src / "train")  # the loader reports the missing folder
-    out.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "val"):
-        for f in sorted((src / split).iterdir()):
-            link = out / f"{split}_{f.name}"
-            if not link.exists():
-                os.symlink(f.resolve(), link)
-    return str(out)
 
 
 def get_config(arg: str = ""):
@@ -72,19 +55,8 @@ def get_config(arg: str = ""):
     k.lmbdas = LMBDAS
     k.rho = 0.5
     k.lpips_net = "alex"
-    c.data.path = trainval_dir()
-    c.data.crop = 128
-    c.data.num_threads = 2
-    c.batch_size = 8
-    c.num_train_steps = 20_000
-    c.log_every = 10
-    c.checkpoint_every = 100
-    c.keep_checkpoints = 2
-    c.optimizer.learning_rate = 5e-4
-    c.optimizer.warmup_steps = 100
-    c.optimizer.schedule = "cosine"
-    c.optimizer.end_learning_rate_factor = 0.1
-    c.optimizer.grad_clip_norm = 1.0
+    apply_cpu_stretch(c, crop=128, steps=20_000, learning_rate=5e-4, warmup_steps=100,
+                      log_every=10, checkpoint_every=100)
     c.optimizer.groups = {"aux": {"learning_rate": 1e-3, "grad_clip_norm": 0.0}}
     if "base" in args:
         c.num_train_steps = 4_500

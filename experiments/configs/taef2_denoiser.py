@@ -15,7 +15,7 @@ of the SD 2.1 noise schedule (v-prediction, min-SNR-5 weighting), zeros context
 * ``smoke``: a few steps of a tiny UNet on 64 px crops (seconds; tests).
 
 Data: BSDS500 train + val (``runs/bsds500_trainval``, see
-``experiments/configs/residual.py:trainval_dir``; never Kodak). BSDS500 is licensed for
+``experiments.configs.base.trainval_dir``; never Kodak). BSDS500 is licensed for
 non-commercial research only: so is the trained denoiser (the export records it).
 
 The two stages::
@@ -31,9 +31,9 @@ The two stages::
 Stage 2 must use the same ``scheduler_config`` (both default to SD 2.1's) and the zeros
 context (no ``context_path``); its predicted ``t`` should stay below ``t_max``.
 """
-from experiments.configs.base import apply_smoke, data_root, get_base_config, parse_arg
+from experiments.configs.base import (apply_cpu_stretch, apply_smoke, data_root, get_base_config,
+                                      parse_arg)
 from experiments.configs.foundation_sd21 import SD21_SCHEDULER
-from experiments.configs.residual import trainval_dir
 
 TAEF2 = {"latent_channels": 32, "arch_variant": "flux_2", "scaling_factor": 1.2,
          "shift_factor": 0.0}
@@ -66,20 +66,9 @@ def get_config(arg: str = ""):
     kw.t_max = 0.25
     kw.weighting = "min_snr"
     kw.snr_gamma = 5.0
-    c.data.path = trainval_dir()
-    c.data.crop = 128
-    c.data.num_threads = 2
-    c.batch_size = 8
-    c.num_train_steps = 10_000
-    c.log_every = 20
-    c.checkpoint_every = 250
-    c.keep_checkpoints = 2
+    apply_cpu_stretch(c, crop=128, steps=10_000, learning_rate=3e-4, warmup_steps=200,
+                      log_every=20, checkpoint_every=250)
     c.ema_decay = 0.999
-    c.optimizer.learning_rate = 3e-4
-    c.optimizer.warmup_steps = 200
-    c.optimizer.schedule = "cosine"
-    c.optimizer.end_learning_rate_factor = 0.1
-    c.optimizer.grad_clip_norm = 1.0
     if "smoke" in args:
         apply_smoke(c)
         c.ema_decay = 0.0
