@@ -21,6 +21,7 @@ import argparse
 import json
 import pathlib
 import sys
+import tempfile
 
 import numpy as np
 
@@ -126,14 +127,9 @@ def main(argv=None) -> int:
     points = [codec_point(c, params, curve=CURVE, label=f"lambda={lam}",
                           setting={"quality": lam, "checkpoint": args.workdir, "step": step})
               for lam, c in codecs.items()]
-    bitstreams = out / "bitstreams"
-    result = evaluate_rd(points, images, bitstream_dir=bitstreams, dataset="kodak")
-    rows = lambda_table(result, codecs, params, bitstreams)
-    for f in bitstreams.rglob("*.bin"):
-        f.unlink()
-    for d in sorted(bitstreams.rglob("*"), reverse=True):
-        d.rmdir()
-    bitstreams.rmdir()
+    with tempfile.TemporaryDirectory(prefix="diffjax-foundation-") as tmp:  # read back, then gone
+        result = evaluate_rd(points, images, bitstream_dir=tmp, dataset="kodak")
+        rows = lambda_table(result, codecs, params, pathlib.Path(tmp))
 
     if args.combine:
         other = json.loads(pathlib.Path(args.combine).read_text())

@@ -407,7 +407,7 @@ class FoundationCodec(Codec):
         must not depend on how many devices decoded them. Devices must be addressable (one
         host decodes its own files).
         """
-        devices = [d for d in mesh.devices.flat]
+        devices = list(mesh.devices.flat)
         if any(d.process_index != jax.process_index() for d in devices):
             raise InputError("decode on a mesh needs devices of this process only")
         n = len(devices)
