@@ -242,11 +242,15 @@ def steps_bucket(num_steps: int) -> int:
 
 
 def foundation_loss(backbone: Backbone, model: FoundationModel, params: Mapping, x: jax.Array,
-                    lam, rng: jax.Array, *, aux_weight: float = 1.0):
-    """``bpp + lambda * MSE(x, x_hat)`` with one x0-prediction step (see the module doc).
+                    lam, rng: jax.Array, *, aux_weight: float = 1.0,
+                    distortion_scale: float = 1.0):
+    """``bpp + lambda * s * MSE(x, x_hat)`` with one x0-prediction step (see the module doc).
 
     ``x [B, H, W, 3]`` in ``[0, 1]`` (H, W multiples of ``backbone.stride``); ``params`` =
-    ``{"vae", "unet", "model", "context"?}``. Returns ``(loss, metrics)``; the entropy
+    ``{"vae", "unet", "model", "context"?}``. ``s = distortion_scale`` sets the units of the
+    distortion: 1 is MSE on ``[0, 1]`` images as written in the paper's loss (with lambda in
+    {1, 5, 10, 20}); a larger ``s`` moves the same four lambdas to higher rates (the
+    estimator still sees the plain lambda). Returns ``(loss, metrics)``; the entropy
     bottleneck's aux loss (quantile fit) is added with ``aux_weight``.
     """
     b, h, w, _ = x.shape
@@ -257,7 +261,7 @@ def foundation_loss(backbone: Backbone, model: FoundationModel, params: Mapping,
     bpp = bits(out["likelihoods"]) / (b * h * w)
     mse = jnp.mean(jnp.square(x_hat - x.astype(jnp.float32)))
     aux = model.apply({"params": params["model"]}, method=lambda m: m.entropy.aux_loss())
-    loss = bpp + jnp.mean(jnp.asarray(lam, jnp.float32)) * mse
+    loss = bpp + jnp.mean(jnp.asarray(lam, jnp.float32)) * distortion_scale * mse
     metrics = {"bpp": bpp, "mse": mse, "rd_loss": loss, "aux_loss": aux,
                "psnr": -10.0 * jnp.log10(jnp.maximum(mse, 1e-10)), "t": jnp.mean(out["t"]),
                "lambda": jnp.mean(jnp.asarray(lam, jnp.float32))}
@@ -604,6 +608,8 @@ class FoundationTask(Task):
       context_path: ``.npy`` ``[1, S, D]`` empty-prompt context (default: zeros).
       lambdas: the rate-distortion weights; one is drawn per step (``fold_in(lambda_seed,
         step)``), the same for every example of the step.
+      distortion_scale: units of the MSE term (see :func:`foundation_loss`); 1 = MSE on
+        ``[0, 1]`` images.
 
     ``codec`` is the matching :class:`FoundationCodec`: trained parameters from the
     checkpoint go straight into ``codec.encode`` / ``codec.decode``.
@@ -618,7 +624,7 @@ class FoundationTask(Task):
                  context_path: str | None = None, lambdas: Sequence[float] = LAMBDAS,
                  lambda_seed: int = 0, estimator_features: Sequence[int] = (64, 128, 256),
                  hyper_channels: int = 64, init_t: float = 0.05, aux_weight: float = 1.0,
-                 num_inference_steps: int = 50):
+                 num_inference_steps: int = 50, distortion_scale: float = 1.0):
         from diffjax.convert.core import read_model_config
 
         if pretrained:
@@ -644,6 +650,9 @@ class FoundationTask(Task):
             raise InputError(f"lambdas must be positive, got {lambdas}")
         self.lambda_seed = int(lambda_seed)
         self.aux_weight = float(aux_weight)
+        self.distortion_scale = float(distortion_scale)
+        if self.distortion_scale <= 0:
+            raise InputError(f"distortion_scale must be positive, got {distortion_scale}")
 
     def _loaders(self) -> dict:
         from diffjax.convert.core import load_pretrained
@@ -688,7 +697,8 @@ class FoundationTask(Task):
         frozen = {k: jax.lax.stop_gradient(v) for k, v in params.items() if k != "model"}
         return foundation_loss(self.codec.backbone, self.codec.model, {**params, **frozen},
                                batch["image"], self.lambda_for_step(step), rng,
-                               aux_weight=self.aux_weight)
+                               aux_weight=self.aux_weight,
+                               distortion_scale=self.distortion_scale)
 
     def param_labels(self, params):
         from diffjax.train.optim import TRAINABLE, path_labels

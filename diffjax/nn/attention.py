@@ -2,8 +2,10 @@
 
 * :func:`attention` - scaled dot-product attention (Vaswani et al. 2017, eq. 1) through
   ``jax.nn.dot_product_attention``, so XLA, cuDNN or other fused kernels can be chosen
-  (``implementation``). Logits and softmax are float32 whatever the compute dtype, which
-  is diffusers' ``upcast_attention``/``upcast_softmax`` behaviour.
+  (``implementation``); long attention on the CPU backend takes an exact query-blocked
+  path instead (:func:`query_blocked_attention`, 2.7x faster there). Logits and softmax
+  are float32 whatever the compute dtype, which is diffusers'
+  ``upcast_attention``/``upcast_softmax`` behaviour.
 * :class:`Attention` - multi-head attention with ``to_q``/``to_k``/``to_v``/``to_out_0``
   projections (self-attention, or cross-attention over a context sequence).
 * :class:`FeedForward` - GEGLU (Shazeer 2020, eq. 6) or the other diffusers MLP variants.
@@ -30,55 +32,66 @@ from diffjax.nn.layers import conv2d, dense, group_norm, layer_norm, maybe_remat
 Dtype = Any
 
 
-# On the CPU backend XLA materialises the whole [B, N, T, S] logit tensor; for long
-# self-attention (the 64x64-latent level of SD: 4096 tokens) processing queries and keys in
-# blocks keeps the working set in cache (1.3-1.5x less CPU time measured at 4096 tokens).
-CPU_BLOCK_SIZE = 1024
-CPU_BLOCK_MIN_LOGITS = 2048 * 2048
+# On the CPU backend, XLA fuses the softmax of ``jax.nn.dot_product_attention`` into its two
+# matmuls, which then no longer run as library GEMMs: SD 2.1's self-attention at a 32x32 latent
+# (1024 tokens, 5 heads of 64) took 41 ms there against 15 ms for the same three steps kept
+# apart by ``optimization_barrier`` and run over blocks of 128 queries (744 vs 263 ms at 4096
+# tokens; PyTorch's fused CPU kernel: 10-12 / 192 ms; /tmp micro-benchmarks on the 2-core
+# CPU, see README "SD backbone"). The blocked path is used for long attention on the CPU
+# backend only; GPU/TPU keep ``jax.nn.dot_product_attention`` and its fused kernels.
+CPU_BLOCK_MIN_LOGITS = 2 ** 22   # N * T * S from which the CPU path pays (measured)
+CPU_QUERY_BLOCK = 128            # queries per block (128 and 256 measured best)
 
 
 def attention(q, k, v, *, bias=None, implementation: str | None = None,
               block_size: int | None = None):
     """``softmax(q k^T / sqrt(d) + bias) v`` over ``[B, T, N, H]`` heads, float32 softmax.
 
-    Every call goes through ``jax.nn.dot_product_attention`` (so cuDNN or other fused
-    kernels can be picked with ``implementation``). With ``block_size`` (default on the CPU
-    backend: :data:`CPU_BLOCK_SIZE` when ``T * S >= CPU_BLOCK_MIN_LOGITS`` and there is no
-    bias), queries and keys are processed in blocks and the per-block results are combined
-    exactly through their log-sum-exp (the online softmax of Milakov & Gimelshein 2018, as
-    in FlashAttention, Dao et al. 2022, sec. 3.1).
+    Goes through ``jax.nn.dot_product_attention`` (so cuDNN or other fused kernels can be
+    picked with ``implementation``), except for long attention without bias on the CPU
+    backend (``N * T * S >= CPU_BLOCK_MIN_LOGITS``), or whenever ``block_size`` is given:
+    then queries are processed in blocks of ``block_size`` (default
+    :data:`CPU_QUERY_BLOCK`) by :func:`query_blocked_attention`, which is exact (each
+    query's softmax is computed over all keys, as eq. 1 of Vaswani et al. 2017).
     """
-    t, s = q.shape[1], k.shape[1]
+    b, t, n, _ = q.shape
+    s = k.shape[1]
     if (block_size is None and implementation is None and bias is None
-            and t * s >= CPU_BLOCK_MIN_LOGITS and jax.default_backend() == "cpu"):
-        block_size = CPU_BLOCK_SIZE
-    if block_size and bias is None and s > block_size and s % block_size == 0:
-        return _blockwise_attention(q, k, v, block_size, implementation)
+            and n * t * s >= CPU_BLOCK_MIN_LOGITS and jax.default_backend() == "cpu"):
+        block_size = CPU_QUERY_BLOCK
+    if block_size and bias is None:
+        return query_blocked_attention(q, k, v, block_size)
     return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
 
 
-def _blockwise_attention(q, k, v, block: int, implementation):
+def _attention_core(q, k, v):
+    """``[B, N, T, H]`` heads-first attention; logits and softmax in float32.
+
+    The ``optimization_barrier`` s keep XLA from fusing the softmax into the matmuls (on
+    XLA:CPU a fused matmul runs as a slow loop instead of a GEMM).
+    """
+    logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
+    logits = jax.lax.optimization_barrier(logits)
+    probs = jax.nn.softmax(logits * (q.shape[-1] ** -0.5), axis=-1)
+    probs = jax.lax.optimization_barrier(probs.astype(v.dtype))
+    out = jnp.einsum("bnts,bnsh->bnth", probs, v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+
+
+def query_blocked_attention(q, k, v, block_size: int = CPU_QUERY_BLOCK):
+    """Exact attention over ``[B, T, N, H]`` with the queries in blocks of ``block_size``.
+
+    Each block sees all keys (no online softmax needed), so the working set is
+    ``N * block_size * S`` logits instead of ``N * T * S``; blocks run one after the other
+    (``lax.map``). ``T`` not a multiple of ``block_size`` (or ``T <= block_size``): one block.
+    """
     b, t, n, h = q.shape
-    s = k.shape[1]
-    qb = block if t % block == 0 else t
-    kv = tuple(a.reshape(b, s // block, block, n, h).swapaxes(0, 1) for a in (k, v))
-
-    def query_block(qq):
-        def step(carry, kv_block):
-            out, lse = carry
-            o, l = jax.nn.dot_product_attention(qq, *kv_block, implementation=implementation,
-                                                return_residual=True)  # l: [B, qb, N]
-            new = jnp.logaddexp(lse, l)
-            out = (out * jnp.exp(lse - new)[..., None]
-                   + o.astype(jnp.float32) * jnp.exp(l - new)[..., None])
-            return (out, new), None
-
-        init = (jnp.zeros(qq.shape, jnp.float32), jnp.full(qq.shape[:-1], -jnp.inf, jnp.float32))
-        (out, _), _ = jax.lax.scan(step, init, kv)
-        return out.astype(q.dtype)
-
-    qs = q.reshape(b, t // qb, qb, n, h).swapaxes(0, 1)
-    return jax.lax.map(query_block, qs).swapaxes(0, 1).reshape(b, t, n, h)
+    qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    if t <= block_size or t % block_size:
+        return _attention_core(qh, kh, vh).transpose(0, 2, 1, 3)
+    blocks = qh.reshape(b, n, t // block_size, block_size, h).transpose(2, 0, 1, 3, 4)
+    out = jax.lax.map(lambda qb: _attention_core(qb, kh, vh), blocks)  # [T/bs, B, N, bs, H]
+    return out.transpose(1, 0, 3, 2, 4).reshape(b, t, n, h)
 
 
 class Attention(nn.Module):

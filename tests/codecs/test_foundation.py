@@ -144,6 +144,17 @@ def test_gradients_reach_estimator_through_t_and_gamma(codec, params):
     assert float(jnp.min(jnp.abs(head_bias[c:2 * c]))) > 0  # every shift of gamma
 
 
+def test_distortion_scale_weights_only_the_mse_term(codec, params):
+    x = jnp.asarray(_image(2, 32, 32)[None] / 255.0, jnp.float32)
+    args = (codec.backbone, codec.model, params, x, 5.0, jax.random.key(4))
+    _, m1 = foundation_loss(*args)
+    _, m100 = foundation_loss(*args, distortion_scale=100.0)
+    assert float(m1["mse"]) == pytest.approx(float(m100["mse"]))
+    assert float(m1["rd_loss"]) == pytest.approx(float(m1["bpp"]) + 5.0 * float(m1["mse"]), rel=1e-6)
+    assert float(m100["rd_loss"]) == pytest.approx(
+        float(m100["bpp"]) + 500.0 * float(m100["mse"]), rel=1e-6)
+
+
 def test_sharded_decode_equals_single_device(codec, params):
     assert jax.device_count() == 8
     datas = [codec.encode(params, _image(10 + i)) for i in range(8)]

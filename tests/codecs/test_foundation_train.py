@@ -82,6 +82,8 @@ def test_bad_task_arguments():
     kw = SMOKE.task.kwargs.to_dict()
     with pytest.raises(InputError, match="lambdas"):
         FoundationTask(**dict(kw, lambdas=[]))
+    with pytest.raises(InputError, match="distortion_scale"):
+        FoundationTask(**dict(kw, distortion_scale=0.0))
     with pytest.raises(InputError, match="pretrained"):
         FoundationTask(**dict(kw, vae_config=None))
     with pytest.raises(ValueError, match="unknown config"):
