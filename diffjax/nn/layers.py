@@ -8,7 +8,7 @@
   On the CPU backend, convolutions over small feature maps run as one GEMM over gathered
   patches (:func:`patch_matmul_conv`), which XLA:CPU executes much faster than its
   convolution kernel there.
-* :func:`group_norm` / :func:`layer_norm` always compute in float32 (statistics and
+* :func:`group_norm` (:class:`GroupNorm`) / :func:`layer_norm` always compute in float32 (statistics and
   normalisation) whatever the compute dtype; callers cast the result back. This is what
   keeps bf16 compute within 2e-2 of fp32.
 * :func:`activation` maps the activation names used in diffusers configs to JAX functions.
@@ -112,13 +112,47 @@ def conv2d(features: int, *, name: str | None = None, dtype: Dtype, param_dtype:
     )
 
 
-def group_norm(num_groups: int, *, eps: float, name: str | None = None, param_dtype: Dtype) -> nn.GroupNorm:
-    """``nn.GroupNorm`` computing in float32 with the exact (two-pass) variance.
+class GroupNorm(nn.Module):
+    """Group normalisation (Wu & He, 2018, eq. 1) over ``[B, ..., C]``, computed in float32.
 
-    Channel groups are contiguous, as in ``torch.nn.GroupNorm`` (Wu & He, 2018, eq. 1).
+    Statistics over all axes but the batch and, per group of contiguous channels (as in
+    ``torch.nn.GroupNorm``), the exact two-pass variance. Same parameters (``scale``,
+    ``bias``) and values as ``flax.linen.GroupNorm(use_fast_variance=False)``; the sums run
+    over the spatial axes first and then over the channels of a group, which XLA:CPU
+    computes 1.2-3x faster than Flax's single grouped reduction (measured on the 2-core
+    CPU: 55 -> 31 ms at 256x256x128, 1.9 -> 0.6 ms at 32x32x320).
     """
-    return nn.GroupNorm(num_groups=num_groups, epsilon=eps, dtype=jnp.float32,
-                        param_dtype=param_dtype, use_fast_variance=False, name=name)
+
+    num_groups: int
+    epsilon: float = 1e-6
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise InputError(f"GroupNorm: {c} channels do not split into {self.num_groups} groups")
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        x = x.astype(jnp.float32)
+        axes = tuple(range(1, x.ndim - 1))
+        per_group = c // self.num_groups
+        count = per_group * int(np.prod([x.shape[a] for a in axes]))
+        keep = (x.shape[0],) + (1,) * len(axes) + (c,)
+
+        def group_mean(values):  # [B, ..., C] -> group means broadcast back to [B, 1.., C]
+            sums = jnp.sum(values, axis=axes).reshape(x.shape[0], self.num_groups, per_group)
+            return jnp.repeat(jnp.sum(sums, axis=-1) / count, per_group, axis=-1).reshape(keep)
+
+        centred = x - group_mean(x)
+        inv_std = jax.lax.rsqrt(group_mean(jnp.square(centred)) + self.epsilon)
+        return centred * (inv_std * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+
+
+def group_norm(num_groups: int, *, eps: float, name: str | None = None,
+               param_dtype: Dtype) -> GroupNorm:
+    """:class:`GroupNorm` (float32, exact two-pass variance, ``torch.nn.GroupNorm`` groups)."""
+    return GroupNorm(num_groups=num_groups, epsilon=eps, param_dtype=param_dtype, name=name)
 
 
 def layer_norm(*, eps: float, name: str | None = None, param_dtype: Dtype,

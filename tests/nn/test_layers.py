@@ -1,0 +1,82 @@
+"""The shared layer helpers: GroupNorm against PyTorch and Flax, the CPU patch-GEMM conv
+against XLA's convolution."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import diffjax.nn.layers as layers
+from diffjax import InputError
+from diffjax.nn.layers import CpuFriendlyConv, conv2d, group_norm
+
+
+@pytest.mark.parametrize("shape, groups", [((2, 6, 5, 32), 8), ((1, 4, 4, 12), 3),
+                                           ((2, 7, 16), 4)])
+def test_group_norm_matches_torch_and_flax(shape, groups):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+    c = shape[-1]
+    params = {"scale": rng.standard_normal(c).astype(np.float32),
+              "bias": rng.standard_normal(c).astype(np.float32)}
+    ours = np.asarray(group_norm(groups, eps=1e-6, param_dtype=jnp.float32).apply(
+        {"params": params}, x))
+    flax_gn = nn.GroupNorm(groups, epsilon=1e-6, use_fast_variance=False)
+    np.testing.assert_allclose(ours, flax_gn.apply({"params": params}, x), atol=1e-5)
+    ref = torch.nn.GroupNorm(groups, c, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(params["scale"]))
+        ref.bias.copy_(torch.from_numpy(params["bias"]))
+        want = ref(torch.from_numpy(np.moveaxis(x, -1, 1))).numpy()
+    np.testing.assert_allclose(ours, np.moveaxis(want, 1, -1), atol=1e-5)
+
+
+def test_group_norm_bf16_input_and_bad_groups():
+    x = jnp.ones((1, 4, 4, 8), jnp.bfloat16) * jnp.arange(8, dtype=jnp.bfloat16)
+    gn = group_norm(4, eps=1e-6, param_dtype=jnp.float32)
+    out = gn.apply(gn.init(jax.random.key(0), x), x)
+    assert out.dtype == jnp.float32
+    with pytest.raises(InputError, match="do not split into 3 groups"):
+        gn3 = group_norm(3, eps=1e-6, param_dtype=jnp.float32)
+        gn3.init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("hw, kernel, stride, padding", [
+    ((8, 8), 3, 1, ((1, 1), (1, 1))),
+    ((9, 7), 3, 2, ((1, 1), (1, 1))),
+    ((8, 8), 3, 2, ((0, 1), (0, 1))),   # the SD downsampler's asymmetric padding
+    ((6, 6), 5, 1, ((2, 2), (2, 2))),
+])
+def test_patch_matmul_conv_equals_xla_conv(hw, kernel, stride, padding):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, *hw, 6)).astype(np.float32)
+    w = rng.standard_normal((kernel, kernel, 6, 5)).astype(np.float32)
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    want = jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn)
+    got = layers.patch_matmul_conv(x, w, (stride, stride), padding)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
+
+
+def test_conv2d_uses_the_patch_gemm_only_for_small_maps(monkeypatch):
+    calls = []
+    real = layers.patch_matmul_conv
+    monkeypatch.setattr(layers, "patch_matmul_conv", lambda *a: calls.append(a[0].shape) or real(*a))
+    conv = conv2d(4, dtype=jnp.float32, param_dtype=jnp.float32)
+    small, large = jnp.ones((1, 16, 16, 3)), jnp.ones((1, 17, 16, 3))
+    params = conv.init(jax.random.key(0), small)
+    calls.clear()
+    conv.apply(params, small)
+    assert calls == [(1, 16, 16, 3)]        # 256 output pixels: the GEMM path
+    conv.apply(params, large)
+    assert calls == [(1, 16, 16, 3)]        # 272 output pixels: XLA's convolution
+    conv1x1 = conv2d(4, kernel_size=1, dtype=jnp.float32, param_dtype=jnp.float32)
+    conv1x1.apply(conv1x1.init(jax.random.key(0), small), small)
+    assert len(calls) == 1                  # 1x1 convs stay on XLA's (matmul) path
+    out = CpuFriendlyConv()(np.ones((1, 4, 4, 2), np.float32), np.ones((3, 3, 2, 1), np.float32),
+                            (1, 1), "SAME", dimension_numbers=jax.lax.conv_dimension_numbers(
+                                (1, 4, 4, 2), (3, 3, 2, 1), ("NHWC", "HWIO", "NHWC")))
+    assert float(out[0, 1, 1, 0]) == 18.0   # string padding: XLA's path, still right
