@@ -36,8 +36,8 @@ Dtype = Any
 # matmuls, which then no longer run as library GEMMs: SD 2.1's self-attention at a 32x32 latent
 # (1024 tokens, 5 heads of 64) took 41 ms there against 15 ms for the same three steps kept
 # apart by ``optimization_barrier`` and run over blocks of 128 queries (744 vs 263 ms at 4096
-# tokens; PyTorch's fused CPU kernel: 10-12 / 192 ms; /tmp micro-benchmarks on the 2-core
-# CPU, see README "SD backbone"). The blocked path is used for long attention on the CPU
+# tokens, 204 ms with one head per block; PyTorch's fused CPU kernel: 10-12 / 180-192 ms;
+# micro-benchmarks on the 2-core CPU, see README "SD backbone"). The blocked path is used for long attention on the CPU
 # backend only; GPU/TPU keep ``jax.nn.dot_product_attention`` and its fused kernels.
 CPU_BLOCK_MIN_LOGITS = 2 ** 22   # N * T * S from which the CPU path pays (measured)
 CPU_QUERY_BLOCK = 128            # queries per block (128 and 256 measured best)
@@ -79,19 +79,26 @@ def _attention_core(q, k, v):
 
 
 def query_blocked_attention(q, k, v, block_size: int = CPU_QUERY_BLOCK):
-    """Exact attention over ``[B, T, N, H]`` with the queries in blocks of ``block_size``.
+    """Exact attention over ``[B, T, N, H]``, one head and ``block_size`` queries at a time.
 
-    Each block sees all keys (no online softmax needed), so the working set is
-    ``N * block_size * S`` logits instead of ``N * T * S``; blocks run one after the other
-    (``lax.map``). ``T`` not a multiple of ``block_size`` (or ``T <= block_size``): one block.
+    Each block sees all keys of its head (no online softmax needed), so the working set is
+    ``block_size * S`` logits instead of ``N * T * S``; blocks run one after the other
+    (``lax.map``). ``T`` not a multiple of ``block_size`` (or ``T <= block_size``): all
+    queries of a head form one block.
     """
     b, t, n, h = q.shape
-    qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-    if t <= block_size or t % block_size:
-        return _attention_core(qh, kh, vh).transpose(0, 2, 1, 3)
-    blocks = qh.reshape(b, n, t // block_size, block_size, h).transpose(2, 0, 1, 3, 4)
-    out = jax.lax.map(lambda qb: _attention_core(qb, kh, vh), blocks)  # [T/bs, B, N, bs, H]
-    return out.transpose(1, 0, 3, 2, 4).reshape(b, t, n, h)
+    blocks = t // block_size if t > block_size and t % block_size == 0 else 1
+
+    def one_head(qkv):  # [B, T, H], [B, S, H], [B, S, H]
+        qn, kn, vn = (a[:, None] for a in qkv)  # a single head: [B, 1, ., H]
+        if blocks == 1:
+            return _attention_core(qn, kn, vn)[:, 0]
+        qb = qn.reshape(b, 1, blocks, t // blocks, h).transpose(2, 0, 1, 3, 4)
+        out = jax.lax.map(lambda one: _attention_core(one, kn, vn), qb)  # [blocks, B, 1, bs, H]
+        return out.transpose(1, 0, 3, 2, 4).reshape(b, t, h)
+
+    out = jax.lax.map(one_head, tuple(a.transpose(2, 0, 1, 3) for a in (q, k, v)))  # [N, B, T, H]
+    return out.transpose(1, 2, 0, 3)
 
 
 class Attention(nn.Module):
