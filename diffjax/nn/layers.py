@@ -76,7 +76,7 @@ class CpuFriendlyConv:
                  dimension_numbers=None, feature_group_count=1, precision=None):
         dense_conv = (lhs.ndim == 4 and feature_group_count == 1 and not isinstance(padding, str)
                       and all(d == 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))
-                      and dimension_numbers == _NHWC)
+                      and dimension_numbers == NHWC_DIMS)
         if dense_conv and rhs.shape[0] * rhs.shape[1] > 1 and jax.default_backend() == "cpu":
             out_pixels = np.prod([(lhs.shape[1 + i] + sum(padding[i]) - rhs.shape[i])
                                   // window_strides[i] + 1 for i in range(2)])
@@ -88,7 +88,7 @@ class CpuFriendlyConv:
             feature_group_count=feature_group_count, precision=precision)
 
 
-_NHWC = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+NHWC_DIMS = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
                                      out_spec=(0, 3, 1, 2))
 
 

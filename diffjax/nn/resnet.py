@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.errors import InputError
-from diffjax.nn.layers import activation, conv2d, dense, group_norm
+from diffjax.nn.layers import (CONV_AXES, CpuFriendlyConv, NHWC_DIMS, activation, conv2d,
+                               dense, group_norm)
 
 Dtype = Any
 
@@ -130,7 +131,11 @@ def _nearest_index(in_size: int, out_size: int) -> np.ndarray:
 
 
 class Upsample2D(nn.Module):
-    """Nearest x2 (or to ``output_size``) then a 3x3 conv named ``conv``."""
+    """Nearest x2 (or to ``output_size``) then a 3x3 conv named ``conv``.
+
+    An exact x2 runs as :class:`NearestUpsampleConv` (the same parameters, 2.25x fewer
+    multiply-adds); other output sizes upsample first and then convolve, as diffusers does.
+    """
 
     out_channels: int
     use_conv: bool = True
@@ -140,8 +145,53 @@ class Upsample2D(nn.Module):
     @nn.compact
     def __call__(self, x, output_size: Sequence[int] | None = None):
         """``[B, H, W, C] -> [B, 2H, 2W, out_channels]`` (or ``output_size``)."""
+        doubling = output_size is None or tuple(output_size) == (2 * x.shape[1], 2 * x.shape[2])
+        if self.use_conv and doubling:
+            return NearestUpsampleConv(self.out_channels, name="conv", dtype=self.dtype,
+                                       param_dtype=self.param_dtype)(x)
         x = nearest_upsample(x, output_size)
         if self.use_conv:
             x = conv2d(self.out_channels, name="conv", dtype=self.dtype,
                        param_dtype=self.param_dtype)(x)
         return x
+
+
+class NearestUpsampleConv(nn.Module):
+    """``conv3x3(nearest_upsample_x2(x))`` computed on the low-resolution input.
+
+    Output pixel ``(2i + a, 2j + b)`` of the upsampled 3x3 convolution only sees input rows
+    ``i - 1, i`` (``a = 0``, taps ``w0`` and ``w1 + w2``) or ``i, i + 1`` (``a = 1``, taps
+    ``w0 + w1`` and ``w2``), and likewise for columns: four 2x2 convolutions with summed
+    kernels give the four output phases (the "sub-pixel" view of resize-convolution, Shi et
+    al. 2016; Odena et al. 2016), 16 instead of 36 multiply-adds per input pixel and
+    channel pair. Parameters ``kernel [3, 3, Cin, Cout]`` and ``bias`` exactly as the
+    ``nn.Conv`` of :func:`~diffjax.nn.layers.conv2d` (converted checkpoints load unchanged).
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            nn.linear.default_kernel_init, CONV_AXES), (3, 3, x.shape[-1], self.features),
+            self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
+                          self.param_dtype)
+        x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+        taps = ((kernel[0], kernel[1] + kernel[2]), (kernel[0] + kernel[1], kernel[2]))
+        pads = ((1, 0), (0, 1))  # phase 0 reads rows i-1, i; phase 1 reads i, i+1
+        conv = CpuFriendlyConv()
+        rows = []
+        for a in (0, 1):
+            rows_a = jnp.stack(taps[a], axis=0)                       # [2, 3, Cin, Cout]
+            cols = []
+            for b in (0, 1):
+                k = jnp.stack([rows_a[:, 0], rows_a[:, 1] + rows_a[:, 2]] if b == 0 else
+                              [rows_a[:, 0] + rows_a[:, 1], rows_a[:, 2]], axis=1)  # [2, 2, ...]
+                cols.append(conv(x, k, (1, 1), (pads[a], pads[b]), dimension_numbers=NHWC_DIMS))
+            rows.append(jnp.stack(cols, axis=3))                      # [B, H, W, 2, Cout]
+        out = jnp.stack(rows, axis=2)                                 # [B, H, 2, W, 2, Cout]
+        b_, h, _, w, _, c = out.shape
+        return out.reshape(b_, 2 * h, 2 * w, c) + bias

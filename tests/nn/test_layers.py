@@ -80,3 +80,25 @@ def test_conv2d_uses_the_patch_gemm_only_for_small_maps(monkeypatch):
                             (1, 1), "SAME", dimension_numbers=jax.lax.conv_dimension_numbers(
                                 (1, 4, 4, 2), (3, 3, 2, 1), ("NHWC", "HWIO", "NHWC")))
     assert float(out[0, 1, 1, 0]) == 18.0   # string padding: XLA's path, still right
+
+
+def test_upsample_conv_on_the_low_resolution_input_equals_upsample_then_conv():
+    from diffjax.nn.resnet import NearestUpsampleConv, Upsample2D, nearest_upsample
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 5, 7, 6)).astype(np.float32)
+    up = Upsample2D(4)
+    params = nn.meta.unbox(up.init(jax.random.key(0), x))
+    params = jax.tree.map(lambda a: a + jnp.asarray(rng.standard_normal(a.shape), a.dtype), params)
+    conv = params["params"]["conv"]
+    assert conv["kernel"].shape == (3, 3, 6, 4) and conv["bias"].shape == (4,)  # nn.Conv's
+    plain = conv2d(4, dtype=jnp.float32, param_dtype=jnp.float32)
+    want = plain.apply({"params": conv}, nearest_upsample(x))
+    got = up.apply(params, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+    same = NearestUpsampleConv(4).apply({"params": conv}, x)
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(got))
+    # an odd target size (UNet forward_upsample_size) takes the upsample-then-conv path
+    odd = up.apply(params, x, output_size=(9, 13))
+    want_odd = plain.apply({"params": conv}, nearest_upsample(x, (9, 13)))
+    np.testing.assert_allclose(np.asarray(odd), np.asarray(want_odd), atol=1e-6)
