@@ -8,8 +8,8 @@ run the *same* weights, converted in memory, and outputs are checked to agree):
 * ``vae256``  SD VAE encode + decode of a 256x256 image.
 
 Each row reports the median of ``--repeats`` timed calls after one warm-up call (for
-diffjax the warm-up includes compilation, reported separately) and the ratio
-diffjax / diffusers (< 1 = diffjax faster). The system load average is printed before and
+diffjax the warm-up includes compilation, reported separately), the two libraries
+alternating call by call, and the ratio diffjax / diffusers (< 1 = diffjax faster). The system load average is printed before and
 after, because other processes on a shared machine make timings noisy.
 
     python experiments/bench_backbone.py                 # all rows, 5 repeats
@@ -33,19 +33,26 @@ sys.path.insert(0, str(ROOT))
 ROWS = ("unet32", "unet64", "vae256")
 
 
-def _median_time(fn, repeats: int, desc: str) -> tuple[float, float]:
-    """(seconds of the first call, median seconds of ``repeats`` more calls)."""
+def _interleaved_medians(ours, theirs, repeats: int, desc: str) -> tuple[float, float, float]:
+    """(diffjax first-call seconds, diffjax median, diffusers median).
+
+    After one warm-up call of each, the two libraries alternate call by call, so load from
+    other processes on a shared machine falls on both alike instead of on whichever ran
+    during a busy minute.
+    """
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    fn()
+    ours()
     first = time.perf_counter() - t0
-    runs = []
+    theirs()
+    runs = {ours: [], theirs: []}
     for _ in tqdm(range(repeats), desc=desc, leave=False):
-        t0 = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t0)
-    return first, statistics.median(runs)
+        for fn in (ours, theirs):
+            t0 = time.perf_counter()
+            fn()
+            runs[fn].append(time.perf_counter() - t0)
+    return first, statistics.median(runs[ours]), statistics.median(runs[theirs])
 
 
 def _unet_models():
@@ -72,11 +79,11 @@ def bench_unet(size: int, models, repeats: int) -> dict:
     ctx = rng.standard_normal((1, 77, 1024), np.float32)
     fn = jax.jit(lambda p, x, t, c: ours.apply({"params": p}, x, t, c))
     xj, tj, cj = (jax.device_put(a) for a in (x, t, ctx))
-    first, ours_s = _median_time(lambda: fn(params, xj, tj, cj).block_until_ready(), repeats,
-                                 f"diffjax unet{size}")
     xt, tt, ct = torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t), torch.from_numpy(ctx)
     with torch.no_grad():
-        _, theirs_s = _median_time(lambda: theirs(xt, tt, ct).sample, repeats, f"diffusers unet{size}")
+        first, ours_s, theirs_s = _interleaved_medians(
+            lambda: fn(params, xj, tj, cj).block_until_ready(),
+            lambda: theirs(xt, tt, ct).sample, repeats, f"unet{size}")
         want = theirs(xt, tt, ct).sample.permute(0, 2, 3, 1).numpy()
     err = float(np.abs(np.asarray(fn(params, xj, tj, cj)) - want).max() / np.abs(want).max())
     return dict(row=f"SD2.1 UNet {size}x{size}", ours=ours_s, theirs=theirs_s, compile=first,
@@ -102,12 +109,11 @@ def bench_vae(size: int, repeats: int) -> dict:
 
     x = np.random.default_rng(0).uniform(-1, 1, (1, size, size, 3)).astype(np.float32)
     fn, xj = jax.jit(roundtrip), jax.device_put(x)
-    first, ours_s = _median_time(lambda: fn(params, xj).block_until_ready(), repeats,
-                                 f"diffjax vae{size}")
     xt = torch.from_numpy(x).permute(0, 3, 1, 2)
     with torch.no_grad():
         run = lambda: theirs.decode(theirs.encode(xt).latent_dist.mean).sample  # noqa: E731
-        _, theirs_s = _median_time(run, repeats, f"diffusers vae{size}")
+        first, ours_s, theirs_s = _interleaved_medians(
+            lambda: fn(params, xj).block_until_ready(), run, repeats, f"vae{size}")
         want = run().permute(0, 2, 3, 1).numpy()
     err = float(np.abs(np.asarray(fn(params, xj)) - want).max() / np.abs(want).max())
     return dict(row=f"SD VAE enc+dec {size}x{size}", ours=ours_s, theirs=theirs_s, compile=first,
