@@ -9,8 +9,9 @@ run the *same* weights, converted in memory, and outputs are checked to agree):
 
 Each row reports the median of ``--repeats`` timed calls after one warm-up call (for
 diffjax the warm-up includes compilation, reported separately), the two libraries
-alternating call by call, and the ratio diffjax / diffusers (< 1 = diffjax faster). The system load average is printed before and
-after, because other processes on a shared machine make timings noisy.
+alternating call by call, and the ratio diffjax / diffusers (< 1 = diffjax faster). The
+system load average is printed before and after, because other processes on a shared
+machine make timings noisy.
 
     python experiments/bench_backbone.py                 # all rows, 5 repeats
     python experiments/bench_backbone.py --rows unet32 --repeats 3

@@ -37,8 +37,9 @@ Dtype = Any
 # (1024 tokens, 5 heads of 64) took 41 ms there against 15 ms for the same three steps kept
 # apart by ``optimization_barrier`` and run over blocks of 128 queries (744 vs 263 ms at 4096
 # tokens, 204 ms with one head per block; PyTorch's fused CPU kernel: 10-12 / 180-192 ms;
-# micro-benchmarks on the 2-core CPU, see README "SD backbone"). The blocked path is used for long attention on the CPU
-# backend only; GPU/TPU keep ``jax.nn.dot_product_attention`` and its fused kernels.
+# micro-benchmarks on the 2-core CPU, see README "SD backbone"). The blocked path is used
+# for long attention on the CPU backend only; GPU/TPU keep ``jax.nn.dot_product_attention``
+# and its fused kernels.
 CPU_BLOCK_MIN_LOGITS = 2 ** 22   # N * T * S from which the CPU path pays (measured)
 CPU_QUERY_BLOCK = 128            # queries per block (128 and 256 measured best)
 
@@ -54,7 +55,7 @@ def attention(q, k, v, *, bias=None, implementation: str | None = None,
     :data:`CPU_QUERY_BLOCK`) by :func:`query_blocked_attention`, which is exact (each
     query's softmax is computed over all keys, as eq. 1 of Vaswani et al. 2017).
     """
-    b, t, n, _ = q.shape
+    _, t, n, _ = q.shape
     s = k.shape[1]
     if (block_size is None and implementation is None and bias is None
             and n * t * s >= CPU_BLOCK_MIN_LOGITS and jax.default_backend() == "cpu"):

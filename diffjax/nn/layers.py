@@ -8,9 +8,9 @@
   On the CPU backend, convolutions over small feature maps run as one GEMM over gathered
   patches (:func:`patch_matmul_conv`), which XLA:CPU executes much faster than its
   convolution kernel there.
-* :func:`group_norm` (:class:`GroupNorm`) / :func:`layer_norm` always compute in float32 (statistics and
-  normalisation) whatever the compute dtype; callers cast the result back. This is what
-  keeps bf16 compute within 2e-2 of fp32.
+* :func:`group_norm` (:class:`GroupNorm`) / :func:`layer_norm` always compute in float32
+  (statistics and normalisation) whatever the compute dtype; callers cast the result back.
+  This is what keeps bf16 compute within 2e-2 of fp32.
 * :func:`activation` maps the activation names used in diffusers configs to JAX functions.
 * :func:`maybe_remat` wraps a module class in ``nn.remat`` (gradient checkpointing).
 
@@ -50,6 +50,9 @@ def dense(features: int, *, name: str | None = None, dtype: Dtype, param_dtype: 
 # 16x16 1920->640 102 -> 56 ms, 16x16 640->640 21 -> 15 ms), but 2-5x slower on large maps
 # (64x64 320->320 57 -> 135 ms), where XLA's kernel is within 1.1-1.4x of PyTorch.
 CPU_PATCH_CONV_MAX_PIXELS = 16 * 16   # output H * W up to which the GEMM path is used
+# ``lax.conv_dimension_numbers`` of ("NHWC", "HWIO", "NHWC"), what ``nn.Conv`` passes
+NHWC_DIMS = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                                         out_spec=(0, 3, 1, 2))
 
 
 def patch_matmul_conv(lhs, rhs, window_strides, padding, precision=None):
@@ -86,10 +89,6 @@ class CpuFriendlyConv:
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
             feature_group_count=feature_group_count, precision=precision)
-
-
-NHWC_DIMS = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
-                                     out_spec=(0, 3, 1, 2))
 
 
 def conv2d(features: int, *, name: str | None = None, dtype: Dtype, param_dtype: Dtype,

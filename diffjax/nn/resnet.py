@@ -180,18 +180,18 @@ class NearestUpsampleConv(nn.Module):
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
                           self.param_dtype)
         x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
-        taps = ((kernel[0], kernel[1] + kernel[2]), (kernel[0] + kernel[1], kernel[2]))
-        pads = ((1, 0), (0, 1))  # phase 0 reads rows i-1, i; phase 1 reads i, i+1
         conv = CpuFriendlyConv()
-        rows = []
-        for a in (0, 1):
-            rows_a = jnp.stack(taps[a], axis=0)                       # [2, 3, Cin, Cout]
-            cols = []
-            for b in (0, 1):
-                k = jnp.stack([rows_a[:, 0], rows_a[:, 1] + rows_a[:, 2]] if b == 0 else
-                              [rows_a[:, 0] + rows_a[:, 1], rows_a[:, 2]], axis=1)  # [2, 2, ...]
-                cols.append(conv(x, k, (1, 1), (pads[a], pads[b]), dimension_numbers=NHWC_DIMS))
-            rows.append(jnp.stack(cols, axis=3))                      # [B, H, W, 2, Cout]
-        out = jnp.stack(rows, axis=2)                                 # [B, H, 2, W, 2, Cout]
-        b_, h, _, w, _, c = out.shape
-        return out.reshape(b_, 2 * h, 2 * w, c) + bias
+        pads = ((1, 0), (0, 1))  # phase 0 reads rows i-1, i; phase 1 reads i, i+1
+        phases = [[conv(x, _fold_taps(_fold_taps(kernel, 0, a), 1, b), (1, 1),
+                        (pads[a], pads[b]), dimension_numbers=NHWC_DIMS) for b in (0, 1)]
+                  for a in (0, 1)]
+        out = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # [B,H,2,W,2,C]
+        n, h, _, w, _, c = out.shape
+        return out.reshape(n, 2 * h, 2 * w, c) + bias
+
+
+def _fold_taps(kernel, axis: int, phase: int):
+    """The 3 taps of ``kernel`` along ``axis`` as seen by output phase ``phase`` of a nearest
+    x2 upsampling: ``(w0, w1 + w2)`` for phase 0, ``(w0 + w1, w2)`` for phase 1."""
+    w0, w1, w2 = (jnp.take(kernel, i, axis=axis) for i in range(3))
+    return jnp.stack((w0, w1 + w2) if phase == 0 else (w0 + w1, w2), axis=axis)

@@ -64,7 +64,8 @@ def test_patch_matmul_conv_equals_xla_conv(hw, kernel, stride, padding):
 def test_conv2d_uses_the_patch_gemm_only_for_small_maps(monkeypatch):
     calls = []
     real = layers.patch_matmul_conv
-    monkeypatch.setattr(layers, "patch_matmul_conv", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(layers, "patch_matmul_conv",
+                        lambda *a: calls.append(a[0].shape) or real(*a))
     conv = conv2d(4, dtype=jnp.float32, param_dtype=jnp.float32)
     small, large = jnp.ones((1, 16, 16, 3)), jnp.ones((1, 17, 16, 3))
     params = conv.init(jax.random.key(0), small)
