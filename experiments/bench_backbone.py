@@ -73,12 +73,14 @@ def bench_unet(size: int, models, repeats: int) -> dict:
     import jax
     import torch
 
+    import diffjax.compile
+
     theirs, ours, params = models
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, size, size, 4), np.float32)
     t = np.array([500.0], np.float32)
     ctx = rng.standard_normal((1, 77, 1024), np.float32)
-    fn = jax.jit(lambda p, x, t, c: ours.apply({"params": p}, x, t, c))
+    fn = diffjax.compile.jit(lambda p, x, t, c: ours.apply({"params": p}, x, t, c))
     xj, tj, cj = (jax.device_put(a) for a in (x, t, ctx))
     xt, tt, ct = torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t), torch.from_numpy(ctx)
     with torch.no_grad():
@@ -96,6 +98,7 @@ def bench_vae(size: int, repeats: int) -> dict:
     import torch
     from diffusers import AutoencoderKL as TorchVAE
 
+    import diffjax.compile
     from diffjax.convert import build_model, convert_diffusers_state_dict, presets
 
     config = {k: v for k, v in presets.SD_VAE.items() if not k.startswith("_")}
@@ -109,7 +112,7 @@ def bench_vae(size: int, repeats: int) -> dict:
         return ours.apply({"params": p}, z, method="decode")
 
     x = np.random.default_rng(0).uniform(-1, 1, (1, size, size, 3)).astype(np.float32)
-    fn, xj = jax.jit(roundtrip), jax.device_put(x)
+    fn, xj = diffjax.compile.jit(roundtrip), jax.device_put(x)
     xt = torch.from_numpy(x).permute(0, 3, 1, 2)
     with torch.no_grad():
         run = lambda: theirs.decode(theirs.encode(xt).latent_dist.mean).sample  # noqa: E731

@@ -71,8 +71,9 @@ def bench_diffjax(codec, params, data, steps, repeats):
     import jax
     import jax.numpy as jnp
 
-    from diffjax.entropy import bitstream, coder
+    import diffjax.compile
     from diffjax.codecs.foundation import _channel_indexes
+    from diffjax.entropy import bitstream, coder
     from diffjax.models.param_estimator import affine_inverse
 
     bb = codec.backbone
@@ -93,10 +94,10 @@ def bench_diffjax(codec, params, data, steps, repeats):
     z = entropy()[None]
     y_hat = affine_inverse(jnp.asarray(z), jnp.asarray(gamma))
     ctx = bb.context(params, 1)
-    vae_dec = jax.jit(lambda p, y: bb.decode(p, y))
+    vae_dec = diffjax.compile.jit(lambda p, y: bb.decode(p, y))
     y0 = None
     for k in steps:
-        unet = jax.jit(lambda p, y, t, c, k=k: bb.denoise(p, y, t, k, c))
+        unet = diffjax.compile.jit(lambda p, y, t, c, k=k: bb.denoise(p, y, t, k, c))
         rows[f"unet_{k}"] = timed(lambda: unet(params["unet"], y_hat, jnp.asarray(t), ctx),
                                   repeats)
         y0 = unet(params["unet"], y_hat, jnp.asarray(t), ctx)

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffjax import compile as compile_backbone
 from diffjax.codecs.base import Codec, check_image, crop, fingerprint_pytree, pad_to_multiple, register
 from diffjax.diffusion.parameterization import canonical_prediction_type, to_x0
 from diffjax.diffusion.samplers import Plan, get_sampler
@@ -396,7 +397,9 @@ class FoundationCodec(Codec):
             return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)
 
         fn = {"analyze": analyze, "hyper": hyper, "synthesize": synthesize}[name]
-        jitted = jax.jit(fn)
+        # the UNet + VAE decoder get the backbone compiler options; analyze / hyper keep
+        # XLA's defaults (the entropy model's scales must not change between versions)
+        jitted = compile_backbone.jit(fn) if name == "synthesize" else jax.jit(fn)
         self._jitted[key] = jitted
         return jitted
 

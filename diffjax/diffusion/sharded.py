@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from diffjax import compile as compile_backbone
 from diffjax.diffusion.samplers import make_plan
 from diffjax.diffusion.sampling import CFG, run_plan
 from diffjax.errors import InputError
@@ -59,11 +60,11 @@ def make_sampler(apply_fn: Callable, *, scheduler_config, sampler: str = "ddim",
                         guidance=guidance, cond=cond)
 
     if mesh is None:
-        jitted = jax.jit(_run)
+        jitted = compile_backbone.jit(_run)
         batch_devices = 1
     else:
         batch, rep = batch_sharding(mesh), replicated(mesh)
-        jitted = jax.jit(
+        jitted = compile_backbone.jit(
             _run,
             in_shardings=(param_shardings if param_shardings is not None else rep,
                           batch, rep, rep, batch, batch),

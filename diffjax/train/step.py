@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from diffjax import compile as compile_backbone
 from diffjax.train import sharding as sh
 from diffjax.train.state import TrainState
 from diffjax.train.task import Task, batch_size_of, task_loss
@@ -79,7 +80,7 @@ def jit_train_step(*, task: Task, tx: optax.GradientTransformation, mesh: Mesh,
         with nn.logical_axis_rules(rules):
             return train_step(state, batch, task=task, tx=tx, ema_decay=ema_decay)
 
-    jitted = jax.jit(step, in_shardings=(state_shardings, batch_sh),
+    jitted = compile_backbone.jit(step, in_shardings=(state_shardings, batch_sh),
                      out_shardings=(state_shardings, sh.replicated(mesh)),
                      donate_argnums=(0,) if donate else ())
 
