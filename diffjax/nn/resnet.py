@@ -133,7 +133,7 @@ def _nearest_index(in_size: int, out_size: int) -> np.ndarray:
 class Upsample2D(nn.Module):
     """Nearest x2 (or to ``output_size``) then a 3x3 conv named ``conv``.
 
-    An exact x2 of a map larger than 8x8 runs as :class:`NearestUpsampleConv` (the same
+    An exact x2 of a map of more than 64 pixels runs as :class:`NearestUpsampleConv` (the same
     parameters, 2.25x fewer multiply-adds); small maps and other output sizes upsample
     first and then convolve, as diffusers does.
     """
