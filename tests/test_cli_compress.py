@@ -43,7 +43,7 @@ def test_help_states_quality_range_and_default(capsys):
     with pytest.raises(SystemExit):
         cli.main(["compress", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "from 1 (smallest file) to" in out and "default 2" in out
+    assert "from 1 (smallest file) to" in out and "default: the middle one" in out
     assert "--steps" in out and "--model" in out
 
 
@@ -127,6 +127,7 @@ def test_model_from_training_workdir(model_dir, tmp_path, capsys):
     rc, out, err = _run(capsys, "compress", tmp_path / "ok.png", "-o", tmp_path / "ok.djx",
                         "--model", work, "--steps", 0)
     assert rc == 0, err
+    assert "quality 1," in out  # no --quality: the middle rate point (1 of 2)
 
 
 def test_demo_prints_table_and_saves_png(model_dir, tmp_path, capsys):

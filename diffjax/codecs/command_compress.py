@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "losslessly; 16-bit images are refused.")
     parser.add_argument("input", help="image file (PNG, JPEG, ... any size)")
     parser.add_argument("-o", "--output", help="output file (default: INPUT with .djx)")
-    parser.add_argument("-q", "--quality", type=cc.positive_int, default=2,
+    parser.add_argument("-q", "--quality", type=cc.positive_int, default=None,
                         help=cc.quality_help())
     parser.add_argument("--steps", type=cc.positive_int, default=DEFAULT_STEPS,
                         help=f"diffusion refinement steps the decoder runs, 0 to {MAX_STEPS} "
@@ -38,6 +38,8 @@ def run(args) -> int:
         from diffjax.codecs.pretrained import load_model
 
         model = load_model(args.model)
+        if args.quality is None:
+            args.quality = cc.default_quality(model.num_qualities)
         codec = model.codec(args.quality, args.steps)
         advance()
         with cc.Timer() as t:

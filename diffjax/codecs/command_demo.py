@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--images", metavar="DIR", default=None,
                         help="folder of images to use instead of scikit-image's sample photos")
-    parser.add_argument("-q", "--quality", type=cc.positive_int, default=2, help=cc.quality_help())
+    parser.add_argument("-q", "--quality", type=cc.positive_int, default=None, help=cc.quality_help())
     parser.add_argument("--steps", type=cc.positive_int, default=DEFAULT_STEPS,
                         help="refinement steps of the refined decoder; default %(default)s")
     parser.add_argument("--limit", type=cc.positive_int, default=8,
@@ -109,6 +109,8 @@ def run(args) -> int:
     from diffjax.codecs.pretrained import load_model
 
     model = load_model(args.model)
+    if args.quality is None:
+        args.quality = cc.default_quality(model.num_qualities)
     codec = model.codec(args.quality, args.steps)
     from tqdm.auto import tqdm
 

@@ -16,12 +16,17 @@ separated):
   ``--config.init_from=WORKDIR`` (a ``base`` or joint run);
 * ``smoke``: a few steps of a tiny model on 64 px crops (CPU, seconds).
 
-The shipped model was trained in two stages on a 2-core CPU (see its model card)::
+The shipped model was trained in stages on a 2-core CPU, each started from the previous
+one's parameters (every command is in its model card, ``diffjax/weights/residual``)::
 
     python -m experiments.train --config=experiments/configs/residual.py:cpu,base \
         --workdir=runs/residual-base                           # 4.5k steps, ~0.43 s/step
     python -m experiments.train --config=experiments/configs/residual.py:cpu,enhance \
         --config.init_from=runs/residual-base --workdir=runs/residual-enhance   # 1.5k steps
+
+then more ``base`` and ``enhance`` stages with ``--config.init_from``. The fifth (lowest)
+rate point was added to a four-point model with
+``diffjax.codecs.pretrained.add_rate_point`` (its gains extrapolated from the two lowest).
 
 Data: BSDS500 train + val (``runs/bsds500_trainval``, a folder of links that
 ``experiments.configs.base.trainval_dir()`` creates; never Kodak). BSDS500 is licensed for
