@@ -53,3 +53,16 @@ def test_reproduces_committed_kodak_results(shipped, shared_data, name, quality)
     assert float(metrics.psnr(image, base)) == pytest.approx(row["base"]["psnr"], abs=0.01)
     assert float(metrics.psnr(image, refined)) == pytest.approx(row["refined"]["psnr"], abs=0.01)
     assert not np.array_equal(base, refined)
+
+
+def test_committed_results_meet_the_base_rate_target():
+    """Issue 7's rate target, recomputed from the committed per-point results: base-only
+    BD-rate vs JPEG <= -30 % (PSNR) over the shipped model's whole curve."""
+    from diffjax.metrics.bjontegaard import bd_rate
+
+    results = json.loads(RESULTS.read_text())
+    jpeg = json.loads((RESULTS.parent / "rd.json").read_text())["curves"]["JPEG"]
+    points = sorted(results["points"], key=lambda p: p["quality"])
+    base = bd_rate([c["bpp"] for c in jpeg], [c["psnr"] for c in jpeg],
+                   [p["bpp"] for p in points], [p["base"]["psnr"] for p in points])
+    assert base <= -30.0
