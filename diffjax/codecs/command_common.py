@@ -64,15 +64,15 @@ def quality_help() -> str:
     if info:
         n = info["model"]["num_qualities"]
         return (f"rate point, an integer from 1 (smallest file) to {n} (the shipped model's "
-                f"{n} rate points); default: the middle one ({default_quality(n)} for the "
+                f"{n} rate points); default: the middle one ({resolve_quality(None, n)} for the "
                 "shipped model)")
     return ("rate point, an integer from 1 (smallest file) to the number of rate points of "
             "the model (no weights ship yet; see --model); default: the middle one")
 
 
-def default_quality(num_qualities: int) -> int:
-    """The rate point used when ``--quality`` is not given: the middle one (rounded down)."""
-    return (int(num_qualities) + 1) // 2
+def resolve_quality(quality: int | None, num_qualities: int) -> int:
+    """``--quality`` as given, or the middle rate point (rounded down) when it was not."""
+    return (int(num_qualities) + 1) // 2 if quality is None else quality
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:

@@ -38,8 +38,7 @@ def run(args) -> int:
         from diffjax.codecs.pretrained import load_model
 
         model = load_model(args.model)
-        if args.quality is None:
-            args.quality = cc.default_quality(model.num_qualities)
+        args.quality = cc.resolve_quality(args.quality, model.num_qualities)
         codec = model.codec(args.quality, args.steps)
         advance()
         with cc.Timer() as t:
