@@ -8,6 +8,15 @@ Per example (the train loop vmaps ``loss_fn`` over examples, each with its own k
 * diffuse the scaled residual ``r₀ = s · (x − sg(x̂_base))`` to a random timestep
   ``t ~ U{0..999}`` of the cosine schedule, ``r_t = √ᾱ_t r₀ + √(1−ᾱ_t) ε``, and let the
   refiner predict ``r̂₀`` (x0-prediction); the refined image is ``x̂ = x̂_base + r̂₀ / s``;
+  or, with ``sampler_steps = K > 0`` ("sampler in the loop"), train the refiner on the
+  inputs the decoder really gives it: draw a step ``k ~ U{0..K−1}`` of the decoder's
+  K-step deterministic DDIM, run its first ``k`` steps from ``r_T ~ N(0, I)`` with the
+  refiner itself (no gradient), and apply the loss below to the refiner's ``r̂₀`` at step
+  ``k`` (the last step's ``r̂₀`` is the decoded residual). The uniform-``t`` loss trains
+  ``r̂₀`` as a posterior mean, which DDIM's update assumes; with a mostly perceptual loss
+  (large ρ) the prediction is no longer that mean, and a refiner trained only on noised
+  ground truth degrades over several decoding steps. Training on its own sampler
+  trajectory removes that mismatch for the step count the files ask for;
 * loss (the poster's ``λ·bits + (1−ρ)·MSE + ρ·LPIPS + decoder MSE``)::
 
       L = λ_q · bpp + MSE(x, x̂_base) + (1 − ρ) · MSE(x, x̂) + ρ · κ · LPIPS(x, x̂)
@@ -35,8 +44,10 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.diffusion.parameterization import add_noise, expand_to
+from diffjax.diffusion.samplers import get_sampler, make_plan
 from diffjax.diffusion.schedules import DiscreteSchedule
 from diffjax.entropy.models import bits
+from diffjax.errors import InputError
 from diffjax.train.rate_distortion import RateDistortionTask
 
 # HiFiC's MSE/LPIPS balance expressed for MSE on the [0, 1] scale (see the module docstring).
@@ -48,14 +59,15 @@ class ResidualTask(RateDistortionTask):
 
     ``lmbdas``: CompressAI-style ``λᶜ`` per quality (ascending = larger files);
     ``rho``: perceptual weight ρ; ``lpips_net``: ``"alex"`` or ``"vgg"`` (``rho = 0`` skips
-    LPIPS). Model keyword arguments (``N``, ``M``, ``refiner_channels``, ...) pass through.
+    LPIPS); ``sampler_steps``: 0 = the uniform-timestep denoising loss, ``K`` = train on the
+    decoder's own K-step DDIM trajectory (module docstring). Model keyword arguments (``N``, ``M``, ``refiner_channels``, ...) pass through.
     The entropy-bottleneck quantiles keep the ``"aux"`` optimizer label of
     :class:`RateDistortionTask` (CompressAI's auxiliary optimiser).
     """
 
     def __init__(self, lmbdas: Sequence[float] = (0.0018, 0.0050, 0.0130, 0.0483),
                  rho: float = 0.5, lpips_net: str = "alex", aux_weight: float = 1.0,
-                 refine: bool = True, **model_kwargs):
+                 refine: bool = True, sampler_steps: int = 0, **model_kwargs):
         from diffjax.models.refiner import SCHEDULER_CONFIG, ResidualCodecModel
 
         self.lmbdas = tuple(float(v) for v in lmbdas)
@@ -66,6 +78,11 @@ class ResidualTask(RateDistortionTask):
         self.aux_weight = float(aux_weight)
         self.lpips_net = lpips_net
         self.schedule = DiscreteSchedule.from_config(SCHEDULER_CONFIG)
+        self.sampler_steps = int(sampler_steps)
+        if self.sampler_steps < 0:
+            raise InputError(f"sampler_steps must be >= 0, got {sampler_steps!r}")
+        self.plan = (make_plan(SCHEDULER_CONFIG, "ddim", self.sampler_steps)
+                     if self.sampler_steps else None)
         self.lpips_params = None
         if self.rho > 0 and self.refine:
             from diffjax.metrics.perceptual import load_lpips_params
@@ -101,13 +118,18 @@ class ResidualTask(RateDistortionTask):
             return (loss + self.aux_weight * aux / 1000.0) * 1000.0, metrics
 
         s = self.model.residual_scale
-        r0 = s * (x - jax.lax.stop_gradient(x_base))
-        t = jax.random.randint(k_t, (b,), 0, self.schedule.num_train_timesteps)
-        a_bar = self.schedule.alpha_bar(t)
-        eps = jax.random.normal(k_eps, r0.shape, jnp.float32)
-        r_t = add_noise(r0, eps, expand_to(jnp.sqrt(a_bar), r0), expand_to(jnp.sqrt(1 - a_bar), r0))
-        r_hat = self.model.apply({"params": params}, r_t, t.astype(jnp.float32), x_base,
-                                 out["y_cond"], q, method="denoise")
+        denoise = lambda r, t: self.model.apply(  # noqa: E731
+            {"params": params}, r, t, x_base, out["y_cond"], q, method="denoise")
+        eps = jax.random.normal(k_eps, x.shape, jnp.float32)
+        if self.plan is not None:
+            r_t, t = self._sampler_state(params, denoise, eps, k_t, b)
+        else:
+            r0 = s * (x - jax.lax.stop_gradient(x_base))
+            t = jax.random.randint(k_t, (b,), 0, self.schedule.num_train_timesteps)
+            a_bar = self.schedule.alpha_bar(t)
+            r_t = add_noise(r0, eps, expand_to(jnp.sqrt(a_bar), r0),
+                            expand_to(jnp.sqrt(1 - a_bar), r0))
+        r_hat = denoise(r_t, t.astype(jnp.float32))
         x_ref = x_base + r_hat / s
         mse_ref = jnp.mean(jnp.square(x - x_ref), axis=(1, 2, 3))
         lp = (lpips_distance(self.lpips_params, x_ref, x, net=self.lpips_net)
@@ -121,3 +143,18 @@ class ResidualTask(RateDistortionTask):
         # The loss is scaled by 255² λᶜ-free units; multiply by a constant so its size (and
         # Adam-independent things such as gradient clipping) resembles the hyperprior's.
         return (loss + self.aux_weight * aux / 1000.0) * 1000.0, metrics
+
+    def _sampler_state(self, params, denoise, noise, key, b):
+        """``(r, timesteps)`` entering a random step ``k ~ U{0..K−1}`` of the decoder's
+        deterministic DDIM, reached from ``r_T = noise`` by running the refiner without
+        gradient (what :class:`~diffjax.codecs.residual.ResidualCodec` decodes with K steps)."""
+        plan, sampler = self.plan, get_sampler("ddim")
+        tab = plan.arrays()
+        k = jax.random.randint(key, (b,), 0, plan.num_steps)
+        r = noise
+        for i in range(plan.num_steps - 1):
+            t_i = jnp.full((b,), tab["timesteps"][i], jnp.float32)
+            out = jax.lax.stop_gradient(denoise(r, t_i))
+            r_next, _, _ = sampler.step(plan, tab, i, r, out, (), None, True, 0.0)
+            r = jnp.where(expand_to(i < k, r), r_next, r)
+        return jax.lax.stop_gradient(r), tab["timesteps"][k]

@@ -13,7 +13,10 @@ separated):
   against 0.8 s/step for the ``enhance`` stage with its refiner and LPIPS);
 * ``enhance``: the poster's enhancement mode, base frozen, only the refiner trains
   (``optimizer.train_only``), started from a trained run's parameters with
-  ``--config.init_from=WORKDIR`` (a ``base`` or joint run);
+  ``--config.init_from=WORKDIR`` (a ``base`` or joint run); mostly perceptual (ρ = 0.9)
+  and trained on the decoder's own 4-step DDIM trajectory (``sampler_steps=4``, see
+  :mod:`diffjax.codecs.residual_train`): with the uniform-timestep loss and ρ = 0.9 the
+  refiner's LPIPS got worse with every extra decoding step;
 * ``smoke``: a few steps of a tiny model on 64 px crops (CPU, seconds).
 
 The shipped model was trained in stages on a 2-core CPU, each started from the previous
@@ -62,6 +65,7 @@ def get_config(arg: str = ""):
     k.lmbdas = LMBDAS
     k.rho = 0.5
     k.lpips_net = "alex"
+    k.sampler_steps = 0
     apply_cpu_stretch(c, crop=128, steps=20_000, learning_rate=5e-4, warmup_steps=100,
                       log_every=10, checkpoint_every=100)
     c.optimizer.groups = {"aux": {"learning_rate": 1e-3, "grad_clip_norm": 0.0}}
@@ -74,6 +78,8 @@ def get_config(arg: str = ""):
         c.optimizer.warmup_steps = 50
         c.optimizer.train_only = ["^refiner/"]
         c.optimizer.groups = {}
+        k.rho = 0.9
+        k.sampler_steps = 4  # the decoder's default (diffjax.codecs.residual.DEFAULT_STEPS)
     if "smoke" in args:
         apply_smoke(c)
         k.N, k.M = 8, 12

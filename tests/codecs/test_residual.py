@@ -204,6 +204,41 @@ def test_task_loss_and_gradients(setup):
     assert float(loss) < float(loss0)
 
 
+def test_sampler_in_the_loop_follows_the_decoders_trajectory(setup):
+    """``sampler_steps=K``: the refiner's training input at the drawn step k is exactly the
+    state the decoder's K-step DDIM reaches from the same noise (every k is drawn), with
+    that step's timestep; a negative K is an error."""
+    from diffjax.codecs.residual_train import ResidualTask
+    from diffjax.diffusion import sample
+    from diffjax.models.refiner import SCHEDULER_CONFIG
+
+    K, b = 3, 12
+    task = ResidualTask(lmbdas=(0.0018, 0.0483), rho=0.0, sampler_steps=K, **{
+        k: v for k, v in CFG.items() if k != "num_qualities"})
+    _, params = setup
+    rng = np.random.default_rng(0)
+    x_base = jnp.asarray(rng.uniform(0, 1, (b, 32, 32, 3)), jnp.float32)
+    y = jnp.asarray(rng.normal(0, 2, (b, 2, 2, 12)), jnp.float32)
+    q = jnp.asarray(np.arange(b) % 2, jnp.int32)
+    noise = jax.random.normal(jax.random.PRNGKey(1), x_base.shape)
+
+    def denoise(r, t):
+        return task.model.apply({"params": params}, r, t, x_base, y, q, method="denoise")
+
+    r_k, t_k = task._sampler_state(params, denoise, noise, jax.random.PRNGKey(2), b)
+    _, traj = sample(lambda r, t: denoise(r, jnp.broadcast_to(t, (b,))), noise,
+                     scheduler_config=SCHEDULER_CONFIG, sampler="ddim",
+                     num_inference_steps=K, return_trajectory=True)
+    steps = np.asarray(traj["timesteps"])
+    k = np.searchsorted(-steps, -np.asarray(t_k))
+    assert np.array_equal(steps[k], np.asarray(t_k)) and set(k) == set(range(K))
+    entering = np.concatenate([np.asarray(noise)[None], np.asarray(traj["x"])[:-1]])
+    np.testing.assert_allclose(np.asarray(r_k), entering[k, np.arange(b)], rtol=1e-5, atol=1e-4)
+    assert not np.allclose(entering[1], entering[0])
+    with pytest.raises(InputError, match="sampler_steps"):
+        ResidualTask(lmbdas=(0.0018,), rho=0.0, sampler_steps=-1, N=8, M=12)
+
+
 @pytest.mark.slow
 def test_smoke_config_trains_and_loads(tmp_path):
     """``experiments/configs/residual.py:smoke`` trains a few steps with the generic loop
@@ -263,3 +298,14 @@ def test_add_rate_point_rejects_lambda_inside_range():
         pretrained.add_rate_point(model, model.info["lmbdas"][-1], end="low")
     with pytest.raises(ValueError, match="end must be"):
         pretrained.add_rate_point(model, 1.0, end="middle")
+
+
+def test_enhance_config_trains_on_the_decoders_default_steps():
+    """The ``enhance`` stage trains the refiner on the trajectory the decoder runs by
+    default, perceptually weighted; the joint default keeps the uniform-timestep loss."""
+    from diffjax.codecs.residual import DEFAULT_STEPS
+    from experiments.configs import residual as residual_config
+
+    enhance = residual_config.get_config("cpu,enhance").task.kwargs
+    assert enhance.sampler_steps == DEFAULT_STEPS and enhance.rho == 0.9
+    assert residual_config.get_config("cpu").task.kwargs.sampler_steps == 0
