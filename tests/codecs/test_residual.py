@@ -168,16 +168,19 @@ def test_errors(setup):
 
 
 @pytest.mark.slow
-def test_task_loss_and_gradients(setup):
+@pytest.mark.parametrize("sampler_steps", [0, 2])
+def test_task_loss_and_gradients(setup, sampler_steps):
     """The training loss is finite, every parameter group gets a gradient, and the
-    refiner's x0-prediction loss on a fixed example goes down with a few Adam steps."""
+    refiner's x0-prediction loss on a fixed example goes down with a few Adam steps
+    (uniform-timestep loss and sampler in the loop)."""
     import optax
 
     from diffjax.codecs.residual_train import ResidualTask
     from diffjax.train.task import task_loss
 
     task = ResidualTask(lmbdas=(0.0018, 0.0483), rho=0.5, N=8, M=12,
-                        refiner_channels=(8, 16), refiner_groups=4)
+                        refiner_channels=(8, 16), refiner_groups=4,
+                        sampler_steps=sampler_steps)
     spec = {"image": jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)}
     params = flax.linen.meta.unbox(task.init_params(jax.random.PRNGKey(0), spec))
     x = jnp.asarray(np.stack([_image(64, 64, 3), _image(64, 64, 4)]), jnp.float32) / 255.0
@@ -237,6 +240,7 @@ def test_sampler_in_the_loop_follows_the_decoders_trajectory(setup):
     assert not np.allclose(entering[1], entering[0])
     with pytest.raises(InputError, match="sampler_steps"):
         ResidualTask(lmbdas=(0.0018,), rho=0.0, sampler_steps=-1, N=8, M=12)
+
 
 
 @pytest.mark.slow
