@@ -60,7 +60,8 @@ class ResidualTask(RateDistortionTask):
     ``lmbdas``: CompressAI-style ``λᶜ`` per quality (ascending = larger files);
     ``rho``: perceptual weight ρ; ``lpips_net``: ``"alex"`` or ``"vgg"`` (``rho = 0`` skips
     LPIPS); ``sampler_steps``: 0 = the uniform-timestep denoising loss, ``K`` = train on the
-    decoder's own K-step DDIM trajectory (module docstring). Model keyword arguments (``N``, ``M``, ``refiner_channels``, ...) pass through.
+    decoder's own K-step DDIM trajectory (module docstring). Model keyword arguments
+    (``N``, ``M``, ``refiner_channels``, ...) pass through.
     The entropy-bottleneck quantiles keep the ``"aux"`` optimizer label of
     :class:`RateDistortionTask` (CompressAI's auxiliary optimiser).
     """
