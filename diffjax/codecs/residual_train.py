@@ -2,7 +2,8 @@
 
 Per example (the train loop vmaps ``loss_fn`` over examples, each with its own key):
 
-* draw a quality index ``q ~ U{0..Q-1}`` (one lambda-conditioned model for all rates);
+* draw a quality index ``q ~ U{0..Q-1}`` (one lambda-conditioned model for all rates), or
+  from ``quality_weights`` (normalised) to spend more of a stage on some rate points;
 * run the gained hyperprior: ``x̂_base``, ``ŷ``, likelihoods (``mixed`` quantisation:
   noise for the rate, straight-through rounding for the decoder, Minnen & Singh 2020);
 * diffuse the scaled residual ``r₀ = s · (x − sg(x̂_base))`` to a random timestep
@@ -54,13 +55,25 @@ from diffjax.train.rate_distortion import RateDistortionTask
 LPIPS_TO_MSE = 1.0 / (255.0 ** 2 * 0.075 * 2.0 ** -5)
 
 
+def _quality_probs(weights, num_qualities):
+    """Normalised sampling probabilities per quality, or ``None`` for uniform sampling."""
+    if weights is None:
+        return None
+    w = [float(v) for v in weights]
+    if len(w) != num_qualities or min(w) < 0 or sum(w) <= 0:
+        raise InputError(f"quality_weights must give {num_qualities} non-negative weights "
+                         f"(one per lambda) with a positive sum, got {list(weights)!r}")
+    return jnp.asarray([v / sum(w) for v in w], jnp.float32)
+
+
 class ResidualTask(RateDistortionTask):
     """Joint training of :class:`~diffjax.models.refiner.ResidualCodecModel`.
 
     ``lmbdas``: CompressAI-style ``λᶜ`` per quality (ascending = larger files);
     ``rho``: perceptual weight ρ; ``lpips_net``: ``"alex"`` or ``"vgg"`` (``rho = 0`` skips
     LPIPS); ``sampler_steps``: 0 = the uniform-timestep denoising loss, ``K`` = train on the
-    decoder's own K-step DDIM trajectory (module docstring). Model keyword arguments
+    decoder's own K-step DDIM trajectory (module docstring); ``quality_weights``: relative
+    sampling weight per quality (``None`` = uniform). Model keyword arguments
     (``N``, ``M``, ``refiner_channels``, ...) pass through.
     The entropy-bottleneck quantiles keep the ``"aux"`` optimizer label of
     :class:`RateDistortionTask` (CompressAI's auxiliary optimiser).
@@ -68,10 +81,12 @@ class ResidualTask(RateDistortionTask):
 
     def __init__(self, lmbdas: Sequence[float] = (0.0018, 0.0050, 0.0130, 0.0483),
                  rho: float = 0.5, lpips_net: str = "alex", aux_weight: float = 1.0,
-                 refine: bool = True, sampler_steps: int = 0, **model_kwargs):
+                 refine: bool = True, sampler_steps: int = 0,
+                 quality_weights: Sequence[float] | None = None, **model_kwargs):
         from diffjax.models.refiner import SCHEDULER_CONFIG, ResidualCodecModel
 
         self.lmbdas = tuple(float(v) for v in lmbdas)
+        self.quality_probs = _quality_probs(quality_weights, len(self.lmbdas))
         model_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_kwargs.items()}
         self.model = ResidualCodecModel(num_qualities=len(self.lmbdas), **model_kwargs)
         self.rho = float(rho)
@@ -102,7 +117,7 @@ class ResidualTask(RateDistortionTask):
         x = batch["image"].astype(jnp.float32)
         b, h, w, _ = x.shape
         k_q, k_noise, k_t, k_eps = jax.random.split(rng, 4)
-        q = jax.random.randint(k_q, (b,), 0, len(self.lmbdas))
+        q = self.draw_quality(k_q, b)
         out = self.model.apply({"params": params}, x, q, train=True, rngs={"noise": k_noise})
         bpp = bits(out["likelihoods"], per_example=True) / (h * w)
         x_base = out["x_base"].astype(jnp.float32)
@@ -144,6 +159,12 @@ class ResidualTask(RateDistortionTask):
         # The loss is scaled by 255² λᶜ-free units; multiply by a constant so its size (and
         # Adam-independent things such as gradient clipping) resembles the hyperprior's.
         return (loss + self.aux_weight * aux / 1000.0) * 1000.0, metrics
+
+    def draw_quality(self, key, b):
+        """``b`` quality indices: uniform, or distributed as ``quality_weights``."""
+        if self.quality_probs is None:
+            return jax.random.randint(key, (b,), 0, len(self.lmbdas))
+        return jax.random.choice(key, len(self.lmbdas), (b,), p=self.quality_probs)
 
     def _sampler_state(self, params, denoise, noise, key, b):
         """``(r, timesteps)`` entering a random step ``k ~ U{0..K−1}`` of the decoder's

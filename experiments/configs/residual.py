@@ -40,6 +40,8 @@ non-commercial research.
 """
 from __future__ import annotations
 
+import ml_collections
+
 from experiments.configs.base import apply_cpu_stretch, apply_smoke, get_base_config, parse_arg
 
 # CompressAI-style lambda per quality (ascending rate): q1..q5 of the shipped model. q1
@@ -66,6 +68,8 @@ def get_config(arg: str = ""):
     k.rho = 0.5
     k.lpips_net = "alex"
     k.sampler_steps = 0
+    # relative sampling weight per quality, e.g. (1, 1, 2, 3, 3); None = uniform
+    k.quality_weights = ml_collections.config_dict.placeholder(tuple)
     apply_cpu_stretch(c, crop=128, steps=20_000, learning_rate=5e-4, warmup_steps=100,
                       log_every=10, checkpoint_every=100)
     c.optimizer.groups = {"aux": {"learning_rate": 1e-3, "grad_clip_norm": 0.0}}

@@ -242,6 +242,25 @@ def test_sampler_in_the_loop_follows_the_decoders_trajectory(setup):
         ResidualTask(lmbdas=(0.0018,), rho=0.0, sampler_steps=-1, N=8, M=12)
 
 
+def test_quality_weights_set_how_often_each_rate_point_trains():
+    """Uniform qualities by default; ``quality_weights`` (normalised) skews the draw, a zero
+    weight never draws that quality, and a wrong-length or negative list is an error."""
+    from diffjax.codecs.residual_train import ResidualTask
+
+    small = dict(N=8, M=12, rho=0.0)
+    key, n = jax.random.PRNGKey(0), 6000
+    uniform = np.bincount(np.asarray(ResidualTask(lmbdas=(1e-3, 1e-2, 1e-1), **small)
+                                     .draw_quality(key, n)), minlength=3) / n
+    np.testing.assert_allclose(uniform, [1 / 3] * 3, atol=0.03)
+    skewed = ResidualTask(lmbdas=(1e-3, 1e-2, 1e-1), quality_weights=(0, 1, 3), **small)
+    freq = np.bincount(np.asarray(skewed.draw_quality(key, n)), minlength=3) / n
+    assert freq[0] == 0
+    np.testing.assert_allclose(freq, [0, 0.25, 0.75], atol=0.03)
+    for bad in [(1, 1), (1, -1, 1), (0, 0, 0)]:
+        with pytest.raises(InputError, match="quality_weights"):
+            ResidualTask(lmbdas=(1e-3, 1e-2, 1e-1), quality_weights=bad, **small)
+
+
 
 @pytest.mark.slow
 def test_smoke_config_trains_and_loads(tmp_path):
