@@ -284,6 +284,35 @@ def test_smoke_config_trains_and_loads(tmp_path):
     assert codec.decode(model.params, codec.encode(model.params, img)).shape == img.shape
 
 
+@pytest.mark.slow
+def test_gpu_config_is_the_wider_design_and_trains(tmp_path):
+    """``residual.py:gpu``: N=128/M=192 base and a two-block (64, 128) refiner; one step of
+    it (on 64 px crops, batch 8) trains with the generic loop and exports a loadable model
+    of those widths."""
+    from diffjax.train.loop import train
+    from experiments.configs import residual as residual_config
+
+    config = residual_config.get_config("gpu")
+    assert (config.task.kwargs.N, config.task.kwargs.M) == (128, 192)
+    assert residual_config.get_config("gpu,enhance").num_train_steps < config.num_train_steps
+    config.num_train_steps, config.batch_size, config.data.crop = 1, 8, 64
+    config.log_every = config.checkpoint_every = 1
+    train(config, tmp_path, progress=False)
+    model = pretrained.load_model(tmp_path)
+    assert (model.config["N"], model.config["M"], model.config["refiner_layers"]) == (128, 192, 2)
+    assert model.config["refiner_channels"] == [64, 128]
+    assert model.params["refiner"]["unet"]["conv_in"]["kernel"].shape[-1] == 64
+
+
+def test_config_rejects_unknown_or_conflicting_arguments():
+    from experiments.configs import residual as residual_config
+
+    with pytest.raises(ValueError, match="unknown config argument"):
+        residual_config.get_config("tpu")
+    with pytest.raises(ValueError, match="one of cpu and gpu"):
+        residual_config.get_config("cpu,gpu")
+
+
 @pytest.mark.parametrize("end", ["low", "high"])
 def test_add_rate_point_keeps_old_points_and_extrapolates_gains(setup, end):
     """``pretrained.add_rate_point``: the new gain rows continue the old ones geometrically,
