@@ -118,6 +118,14 @@ def baselines(images, names) -> dict:
     return res
 
 
+def lpips_at_bpp(curve: list[dict], bpp: float) -> float:
+    """A baseline's LPIPS at ``bpp``, interpolated linearly in log-bpp between the points
+    of ``curve`` (an ``rd.json`` curve: dicts with ``bpp`` and ``lpips``)."""
+    points = sorted(curve, key=lambda c: c["bpp"])
+    return float(np.interp(np.log(bpp), np.log([c["bpp"] for c in points]),
+                           [c["lpips"] for c in points]))
+
+
 def combine(res: dict, committed: str, out_dir: str, anchor: str = "JPEG") -> dict:
     """Add the base-only and refined curves of ``res`` to the committed baseline results
     (``results/kodak/rd.json`` of ``experiments/eval_rd.py``, same images), write
@@ -151,10 +159,8 @@ def combine(res: dict, committed: str, out_dir: str, anchor: str = "JPEG") -> di
     table = format_bd_table(doc["bd_rate"])
     (out / "bd_rate.md").write_text(table + "\n")
     print(table)
-    avif = sorted(doc["curves"]["AVIF"], key=lambda p: p["bpp"])
     for p in res["points"]:
-        avif_lpips = float(np.interp(np.log(p["bpp"]), np.log([a["bpp"] for a in avif]),
-                                     [a["lpips"] for a in avif]))
+        avif_lpips = lpips_at_bpp(doc["curves"]["AVIF"], p["bpp"])
         print(f"q{p['quality']} {p['bpp']:.3f} bpp: LPIPS base {p['base']['lpips']:.4f}, "
               f"refined {p['refined']['lpips']:.4f}, AVIF at this bpp {avif_lpips:.4f}")
     return doc
