@@ -1,6 +1,6 @@
 """The ``diffjax`` command.
 
-Each subcommand lives next to the code it drives, in a module that defines
+Each subcommand is a module of :mod:`diffjax.commands` that defines
 
 * ``HELP``: one line shown in ``diffjax --help``;
 * ``add_arguments(parser)``: fills an ``argparse`` parser (description, epilog, args);
@@ -18,12 +18,12 @@ import sys
 
 # name -> module implementing the subcommand (see the module docstring for the protocol).
 COMMANDS = {
-    "convert": "diffjax.convert.command",
-    "info": "diffjax.entropy.info",
-    "compress": "diffjax.codecs.command_compress",
-    "decompress": "diffjax.codecs.command_decompress",
-    "demo": "diffjax.codecs.command_demo",
-    "eval": "diffjax.eval.command",
+    "convert": "diffjax.commands.convert",
+    "info": "diffjax.commands.info",
+    "compress": "diffjax.commands.compress",
+    "decompress": "diffjax.commands.decompress",
+    "demo": "diffjax.commands.demo",
+    "eval": "diffjax.commands.eval",
 }
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 
 def _images(folder: str, limit: int | None):
-    from diffjax.codecs.command_common import read_image
+    from diffjax.commands.common import read_image
 
     paths = sorted(p for p in pathlib.Path(folder).iterdir()
                    if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:limit]

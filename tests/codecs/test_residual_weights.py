@@ -12,7 +12,7 @@ import pytest
 
 from diffjax import metrics
 from diffjax.codecs import pretrained
-from diffjax.codecs.command_common import read_image
+from diffjax.commands.common import read_image
 
 RESULTS = pathlib.Path(__file__).resolve().parents[2] / "results" / "kodak" / "residual.json"
 IMAGES = ("kodim01.png", "kodim02.png")

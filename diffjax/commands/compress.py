@@ -2,7 +2,7 @@
 
 Works offline on CPU with the shipped weights (or ``--model PATH``). The file records the
 rate point and the number of refinement steps the decoder will run (``--steps``; 0 =
-base-only decoding). See :mod:`diffjax.codecs.command_common` for supported images (alpha
+base-only decoding). See :mod:`diffjax.commands.common` for supported images (alpha
 is kept losslessly, grayscale stays grayscale).
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from diffjax.codecs import command_common as cc
+from diffjax.commands import common as cc
 
 HELP = "compress a PNG/JPEG image to a .djx file (residual diffusion codec)"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from diffjax.codecs import command_common as cc
+from diffjax.commands import common as cc
 
 HELP = "decompress a .djx file to an image (PNG by default)"
 

@@ -12,7 +12,7 @@ import argparse
 import os
 import pathlib
 
-from diffjax.codecs import command_common as cc
+from diffjax.commands import common as cc
 
 HELP = "compress sample images and print a table of bpp, PSNR, MS-SSIM, LPIPS and times"
 SKIMAGE_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png")

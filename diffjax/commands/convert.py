@@ -25,6 +25,8 @@ examples:
   diffjax convert stable-diffusion-2-1/unet sd21_unet
   diffjax convert v2-1_768-ema-pruned.safetensors sd21 --config sd21
   diffjax convert sd_xl_base_1.0.safetensors sdxl_vae --config sdxl --component vae
+  diffjax convert control_v11p_sd15_canny.pth canny_cn --config sd15   (original ControlNet)
+  diffjax convert sd-controlnet-canny canny_cn                       (diffusers ControlNet)
 """
 
 
@@ -37,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="NAME|JSON",
                         help="architecture of a single-file checkpoint: one of "
                              f"{', '.join(PRESETS)}, or a diffusers config.json")
-    parser.add_argument("--component", choices=("unet", "vae"),
+    parser.add_argument("--component", choices=("unet", "vae", "controlnet"),
                         help="convert only this model of a pipeline / single file")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="cast the parameters (default: keep the stored dtype)")

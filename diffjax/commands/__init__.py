@@ -1,0 +1,1 @@
+"""The ``diffjax`` subcommands, one module each (see :mod:`diffjax.cli` for the protocol)."""
