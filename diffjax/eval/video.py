@@ -10,7 +10,6 @@ thread. The result has the same layout as :func:`diffjax.eval.runner.evaluate_rd
 from __future__ import annotations
 
 import concurrent.futures as cf
-import pathlib
 import time
 from typing import Sequence
 
@@ -19,44 +18,9 @@ from tqdm.auto import tqdm
 
 from diffjax.errors import InputError
 from diffjax.eval import baselines
-from diffjax.eval.runner import IMAGE_SUFFIXES, _mean, bd_rate_table, environment, jitted_metrics
+from diffjax.eval.runner import _mean, bd_rate_table, environment, jitted_metrics
+from diffjax.io.video import VIDEO_SUFFIXES, load_clip  # noqa: F401 (re-exported)
 from diffjax.metrics import load_lpips_params, video_metrics
-
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".y4m")
-
-
-def load_clip(path: str | pathlib.Path, max_frames: int | None = None) -> np.ndarray:
-    """uint8 ``[T, H, W, 3]`` from a folder of frames (sorted by name) or a video file."""
-    path = pathlib.Path(path)
-    if path.is_dir():
-        from PIL import Image
-
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        files = files[:max_frames] if max_frames else files
-        if not files:
-            raise InputError(f"{path}: no frames")
-        frames = [np.asarray(Image.open(p).convert("RGB")) for p in files]
-        if len({f.shape for f in frames}) != 1:
-            raise InputError(f"{path}: frames differ in size")
-        return np.stack(frames)
-    if path.suffix.lower() not in VIDEO_SUFFIXES or not path.is_file():
-        raise InputError(f"{path}: not a folder of frames nor a video file "
-                         f"({', '.join(VIDEO_SUFFIXES)})")
-    import av
-
-    frames = []
-    try:
-        with av.open(str(path)) as container:
-            for frame in container.decode(video=0):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if max_frames and len(frames) >= max_frames:
-                    break
-    except av.error.FFmpegError as err:
-        raise InputError(f"{path}: cannot decode video ({err})") from err
-    if not frames:
-        raise InputError(f"{path}: no frames decoded")
-    return np.stack(frames)
-
 
 def _code(coder, frames: np.ndarray) -> dict:
     t0 = time.perf_counter()
