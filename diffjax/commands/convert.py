@@ -25,6 +25,10 @@ examples:
   diffjax convert stable-diffusion-2-1/unet sd21_unet
   diffjax convert v2-1_768-ema-pruned.safetensors sd21 --config sd21
   diffjax convert sd_xl_base_1.0.safetensors sdxl_vae --config sdxl --component vae
+  diffjax convert text-to-video-ms-1.7b/unet ms_t2v_unet          # UNet3DConditionModel
+  diffjax convert text2video_pytorch_model.pth ms_t2v --config modelscope-t2v
+  diffjax convert stable-diffusion-v1-5/unet animatediff \
+      --motion-adapter animatediff-motion-adapter-v1-5-2          # -> UNetMotionModel
   diffjax convert control_v11p_sd15_canny.pth canny_cn --config sd15   (original ControlNet)
   diffjax convert sd-controlnet-canny canny_cn                       (diffusers ControlNet)
 """
@@ -38,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dst", metavar="DST", help="output directory (must not exist)")
     parser.add_argument("--config", metavar="NAME|JSON",
                         help="architecture of a single-file checkpoint: one of "
-                             f"{', '.join(PRESETS)}, or a diffusers config.json")
+                             f"{', '.join(PRESETS)}, modelscope-t2v (an original ModelScope "
+                             "text-to-video UNet), or a diffusers config.json")
     parser.add_argument("--component", choices=("unet", "vae", "controlnet"),
                         help="convert only this model of a pipeline / single file")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
@@ -48,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "config or the preset, else epsilon)")
     parser.add_argument("--variant", help="diffusers weight variant, e.g. fp16 "
                                           "(reads diffusion_pytorch_model.fp16.safetensors)")
+    parser.add_argument("--motion-adapter", metavar="ADAPTER_SRC",
+                        help="a diffusers MotionAdapter folder (AnimateDiff): SRC (an SD UNet) "
+                             "plus the adapter become one UNetMotionModel")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -57,5 +65,6 @@ def run(args: argparse.Namespace) -> int:
 
     convert(args.src, args.dst, config=args.config, component=args.component, dtype=args.dtype,
             prediction_type=args.prediction_type, variant=args.variant,
-            overwrite=args.overwrite, progress=not args.no_progress)
+            overwrite=args.overwrite, progress=not args.no_progress,
+            motion_adapter=args.motion_adapter)
     return 0

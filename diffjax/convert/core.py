@@ -22,13 +22,18 @@ import numpy as np
 from diffjax.convert import ldm, mapping
 from diffjax.convert.sources import DictSource, TensorSource
 from diffjax.errors import CheckpointError, InputError
+from diffjax.models.controlnet import ControlNetModel
 from diffjax.models.unet import UNet2DConditionModel
+from diffjax.models.unet3d import UNet3DConditionModel, UNetMotionModel
 from diffjax.models.vae import AutoencoderKL
 
 FORMAT = "diffjax.model"
 FORMAT_VERSION = 1
-MODEL_CLASSES = {"UNet2DConditionModel": UNet2DConditionModel, "AutoencoderKL": AutoencoderKL}
-COMPONENTS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
+MODEL_CLASSES = {"UNet2DConditionModel": UNet2DConditionModel, "AutoencoderKL": AutoencoderKL,
+                 "UNet3DConditionModel": UNet3DConditionModel, "UNetMotionModel": UNetMotionModel}
+MODEL_CLASSES["ControlNetModel"] = ControlNetModel
+COMPONENTS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL",
+              "controlnet": "ControlNetModel"}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -38,6 +43,8 @@ def model_class_name(config: Mapping[str, Any], class_name: str | None = None) -
     if name is None:
         if "latent_channels" in config:
             name = "AutoencoderKL"
+        elif "conditioning_embedding_out_channels" in config:
+            name = "ControlNetModel"
         elif "cross_attention_dim" in config or "attention_head_dim" in config:
             name = "UNet2DConditionModel"
         else:
@@ -85,11 +92,24 @@ def plan_source(module, source: TensorSource, *, layout: str = "diffusers", pref
     :class:`~diffjax.convert.mapping.CheckpointMismatchError` listing every bad key.
     """
     keys = [k for k in source.keys() if k.startswith(prefix)]
+    if isinstance(module, UNetMotionModel):  # drop the fixed sinusoidal tables (checked)
+        from diffjax.convert import video
+
+        keys = video.drop_position_buffers(module, keys, source, prefix, what)
     rename = None
-    if layout == "ldm":
+    if layout == "modelscope":  # original ModelScope text-to-video UNet names
+        from diffjax.convert import video
+
+        rename = video.modelscope_renamer(module.to_config())
+    elif layout == "ldm":
         config = module.to_config()
-        rename = (ldm.unet_renamer(config) if isinstance(module, UNet2DConditionModel)
-                  else ldm.vae_renamer(config))
+        if isinstance(module, ControlNetModel):  # original lllyasviel names
+            from diffjax.convert.controlnet_ldm import controlnet_renamer
+
+            rename = controlnet_renamer(config)
+        else:
+            rename = (ldm.unet_renamer(config) if isinstance(module, UNet2DConditionModel)
+                      else ldm.vae_renamer(config))
     elif layout != "diffusers":
         raise InputError(f"unknown checkpoint layout {layout!r}")
     if not keys:
@@ -131,12 +151,19 @@ def convert_diffusers_state_dict(config: Mapping[str, Any], state_dict, *,
 def convert_original_state_dict(config: Mapping[str, Any], state_dict, *, component: str = "unet",
                                 dtype=None, progress: bool = False, **overrides) -> dict:
     """Original single-file SD ``state_dict`` (``model.diffusion_model.*`` /
-    ``first_stage_model.*`` keys) -> diffjax params of ``component`` ("unet" or "vae")."""
+    ``first_stage_model.*`` keys) -> diffjax params of ``component`` ("unet" or "vae"), or
+    an original lllyasviel ControlNet (``control_model.*`` or unprefixed) for
+    ``component="controlnet"`` with a ControlNet ``config``."""
     if component not in COMPONENTS:
         raise InputError(f"component must be one of {list(COMPONENTS)}, got {component!r}")
     module = build_model(config, COMPONENTS[component], **overrides)
     source = state_dict if isinstance(state_dict, TensorSource) else DictSource(state_dict)
-    prefix = ldm.UNET_PREFIX if component == "unet" else _vae_prefix(source.keys())
+    if component == "controlnet":
+        from diffjax.convert.controlnet_ldm import controlnet_prefix
+
+        prefix = controlnet_prefix(source.keys()) or ""
+    else:
+        prefix = ldm.UNET_PREFIX if component == "unet" else _vae_prefix(source.keys())
     return convert_source(module, source, layout="ldm", prefix=prefix, dtype=dtype,
                           progress=progress, what=f"original-SD {component}")
 

@@ -57,7 +57,7 @@ class Entry:
 
     source_key: str
     path: Path
-    layout: str  # "conv", "linear", "squeeze_linear" (1x1 conv -> linear), "none"
+    layout: str  # "conv", "conv3d", "linear", "squeeze_linear" (1x1 conv -> linear), "none"
 
 
 def normalize_legacy_key(key: str) -> str:
@@ -84,6 +84,10 @@ def diffusers_key_to_path(key: str, ndim: int) -> tuple[Path, str]:
         return tuple(parts) + (leaf,), "none"
     if ndim == 4:
         return tuple(parts) + ("kernel",), "conv"
+    if ndim == 5:  # Conv3d (video UNets' temporal convs)
+        return tuple(parts) + ("kernel",), "conv3d"
+    if ndim == 3:  # Conv1d: only loadable with a "squeeze_linear" hint (ModelScope proj_in)
+        return tuple(parts) + ("kernel",), "conv1d"
     if ndim == 2:
         return tuple(parts) + ("kernel",), "linear"
     if ndim == 1:
@@ -95,10 +99,13 @@ def target_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
     if layout == "conv":
         o, i, kh, kw = shape
         return (kh, kw, i, o)
+    if layout == "conv3d":
+        o, i, kt, kh, kw = shape
+        return (kt, kh, kw, i, o)
     if layout == "linear":
         return (shape[1], shape[0])
     if layout == "squeeze_linear":
-        if len(shape) == 4 and shape[2:] == (1, 1):
+        if len(shape) in (3, 4) and all(d == 1 for d in shape[2:]):  # 1x1 conv / Conv1d
             return (shape[1], shape[0])
         return (shape[1], shape[0]) if len(shape) == 2 else tuple(shape)
     return tuple(shape)
@@ -108,8 +115,10 @@ def to_flax_layout(array: np.ndarray, layout: str) -> np.ndarray:
     """PyTorch tensor -> Flax layout (a contiguous copy for transposed layouts)."""
     if layout == "conv":
         return np.ascontiguousarray(array.transpose(2, 3, 1, 0))
-    if layout == "squeeze_linear" and array.ndim == 4:
-        array = array[:, :, 0, 0]
+    if layout == "conv3d":
+        return np.ascontiguousarray(array.transpose(2, 3, 4, 1, 0))
+    if layout == "squeeze_linear" and array.ndim in (3, 4):
+        array = array.reshape(array.shape[:2])
     if layout in ("linear", "squeeze_linear"):
         return np.ascontiguousarray(array.T)
     return array
