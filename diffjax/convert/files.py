@@ -64,7 +64,7 @@ def scheduler_prediction_type(folder: pathlib.Path) -> str | None:
 def _jobs_for_folder(src: pathlib.Path, dst: pathlib.Path, component, variant):
     if (src / "config.json").exists():
         cfg, source = open_diffusers_model(src, variant)
-        comp = "unet" if core.model_class_name(cfg) == "UNet2DConditionModel" else "vae"
+        comp = "vae" if core.model_class_name(cfg) == "AutoencoderKL" else "unet"
         if component and component != comp:
             raise InputError(f"{src} holds a {comp}, not a {component}")
         return [(comp, cfg, source, "diffusers", "", dst, scheduler_prediction_type(src))]
@@ -89,6 +89,10 @@ def _jobs_for_file(src: pathlib.Path, dst: pathlib.Path, config, component):
                          f"--config ({', '.join(presets.PRESETS)} or a diffusers config.json)")
     source = open_file(src)
     keys = source.keys()
+    from diffjax.convert import video
+
+    if video.is_modelscope(keys):  # an original ModelScope text-to-video UNet
+        return video.jobs_for_file(src, dst, config, component, source)
     is_ldm = any(k.startswith((ldm.UNET_PREFIX,) + ldm.VAE_PREFIXES) for k in keys)
     if config in presets.PRESETS:
         preset = presets.get(config)
@@ -118,14 +122,22 @@ def _jobs_for_file(src: pathlib.Path, dst: pathlib.Path, config, component):
 def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, config: str | None = None,
             component: str | None = None, dtype: str | None = None,
             prediction_type: str | None = None, variant: str | None = None,
-            overwrite: bool = False, progress: bool = True,
+            overwrite: bool = False, progress: bool = True, motion_adapter: str | None = None,
             log: Callable[[str], Any] = print) -> list[pathlib.Path]:
     """Convert ``src`` to diffjax model directory(ies) under ``dst``; returns what was written.
 
     One model -> ``dst`` is the model directory; a pipeline or a single file with UNet and
     VAE -> ``dst/unet`` and ``dst/vae``. ``dtype`` casts the parameters (default: keep the
     stored dtype). Nothing is written unless every key of a model matches.
+    ``motion_adapter``: a diffusers ``MotionAdapter`` folder; ``src`` (an SD UNet) and the
+    adapter then become one ``UNetMotionModel`` (:mod:`diffjax.convert.video`).
     """
+    if motion_adapter is not None:
+        from diffjax.convert import video
+
+        return video.convert_with_motion_adapter(
+            src, motion_adapter, dst, dtype=dtype, prediction_type=prediction_type,
+            variant=variant, overwrite=overwrite, progress=progress, log=log)
     src, dst = pathlib.Path(src), pathlib.Path(dst)
     if not src.exists():
         raise InputError(f"{src} does not exist")
@@ -150,7 +162,10 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, config: str | N
                     log("note: no scheduler config found; recording prediction_type=epsilon "
                         "(pass --prediction-type v_prediction for v-models such as SD 2.1 768)")
                 overrides["prediction_type"] = pred
-            module = core.build_model(cfg, core.COMPONENTS[comp], **overrides)
+            cls = core.COMPONENTS[comp]
+            if comp == "unet" and cfg.get("_class_name") in core.MODEL_CLASSES:
+                cls = cfg["_class_name"]  # a 2-D, 3-D or motion UNet
+            module = core.build_model(cfg, cls, **overrides)
             what = f"{src.name} {comp}"
             entries = core.plan_source(module, source, layout=layout, prefix=prefix, what=what)
             planned.append((comp, module, entries, source, layout, prefix, out, what))
