@@ -9,7 +9,11 @@ Accepted sources (see :func:`convert`):
 * an original **single-file** SD checkpoint (``.safetensors`` / ``.ckpt`` with
   ``model.diffusion_model.*`` and ``first_stage_model.*`` keys) plus a config: a preset
   name from :mod:`diffjax.convert.presets` (converts UNet and VAE) or a diffusers
-  ``config.json`` (converts that one model).
+  ``config.json`` (converts that one model);
+* a diffusers **ControlNet folder** (``ControlNetModel`` config) or an original lllyasviel
+  **ControlNet** file (``control_model.*`` or bare ``input_hint_block.*`` /
+  ``zero_convs.*`` keys, :mod:`diffjax.convert.controlnet_ldm`) with the preset of the SD
+  model it guides (``--config sd15``) or its ``config.json``.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from diffjax.convert import core, ldm, presets
+from diffjax.convert import controlnet_ldm, core, ldm, presets
 from diffjax.convert.sources import TensorSource, open_file
 from diffjax.errors import CheckpointError, InputError
 
@@ -64,7 +68,7 @@ def scheduler_prediction_type(folder: pathlib.Path) -> str | None:
 def _jobs_for_folder(src: pathlib.Path, dst: pathlib.Path, component, variant):
     if (src / "config.json").exists():
         cfg, source = open_diffusers_model(src, variant)
-        comp = "vae" if core.model_class_name(cfg) == "AutoencoderKL" else "unet"
+        comp = _component_of(cfg)
         if component and component != comp:
             raise InputError(f"{src} holds a {comp}, not a {component}")
         return [(comp, cfg, source, "diffusers", "", dst, scheduler_prediction_type(src))]
@@ -83,6 +87,12 @@ def _jobs_for_folder(src: pathlib.Path, dst: pathlib.Path, component, variant):
                      "folder (model_index.json)")
 
 
+def _component_of(cfg: dict) -> str:
+    """``unet`` / ``vae`` / ``controlnet`` for a diffusers model config."""
+    name = core.model_class_name(cfg)
+    return {v: k for k, v in core.COMPONENTS.items()}.get(name, "unet")
+
+
 def _jobs_for_file(src: pathlib.Path, dst: pathlib.Path, config, component):
     if config is None:
         raise InputError(f"{src} is a single-file checkpoint: name its architecture with "
@@ -93,10 +103,20 @@ def _jobs_for_file(src: pathlib.Path, dst: pathlib.Path, config, component):
 
     if video.is_modelscope(keys):  # an original ModelScope text-to-video UNet
         return video.jobs_for_file(src, dst, config, component, source)
-    is_ldm = any(k.startswith((ldm.UNET_PREFIX,) + ldm.VAE_PREFIXES) for k in keys)
+    # An original lllyasviel ControlNet: control_model.* (v1.0, beside the SD model) or bare.
+    control_prefix = controlnet_ldm.controlnet_prefix(keys)
+    is_ldm = (control_prefix is not None
+              or any(k.startswith((ldm.UNET_PREFIX,) + ldm.VAE_PREFIXES) for k in keys))
     if config in presets.PRESETS:
         preset = presets.get(config)
-        comps = [component] if component else ["unet", "vae"]
+        if component:
+            comps = [component]
+        elif control_prefix == "" or (control_prefix is not None and not any(
+                k.startswith(ldm.UNET_PREFIX) for k in keys)):
+            comps = ["controlnet"]
+        else:
+            comps = ["unet", "vae"] + (["controlnet"] if control_prefix is not None else [])
+        preset["controlnet"] = controlnet_ldm.controlnet_config_from_unet(preset["unet"])
         configs = {c: preset[c] for c in comps}
         prediction = preset["prediction_type"]
     else:
@@ -104,7 +124,7 @@ def _jobs_for_file(src: pathlib.Path, dst: pathlib.Path, config, component):
             raise InputError(f"--config {config!r} is neither a preset "
                              f"({', '.join(presets.PRESETS)}) nor a config.json file")
         cfg = read_json(pathlib.Path(config))
-        comp = "unet" if core.model_class_name(cfg) == "UNet2DConditionModel" else "vae"
+        comp = _component_of(cfg)
         if component and component != comp:
             raise InputError(f"{config} describes a {comp}, not a {component}")
         comps, configs, prediction = [comp], {comp: cfg}, None
@@ -112,7 +132,9 @@ def _jobs_for_file(src: pathlib.Path, dst: pathlib.Path, config, component):
         raise InputError(f"{src} has diffusers-layout keys (one model); pass --component")
     jobs = []
     for comp in comps:
-        prefix = "" if not is_ldm else (ldm.UNET_PREFIX if comp == "unet" else core._vae_prefix(keys))
+        prefix = "" if not is_ldm else (ldm.UNET_PREFIX if comp == "unet" else
+                                        (control_prefix or "") if comp == "controlnet" else
+                                        core._vae_prefix(keys))
         out = dst if len(comps) == 1 else dst / comp
         jobs.append((comp, configs[comp], source, "ldm" if is_ldm else "diffusers", prefix, out,
                      prediction))
