@@ -31,6 +31,9 @@ class RatePoint:
       parallel: may run in worker threads (external encoders); JAX codecs run in the main
         thread, one image at a time, so their timings are not shared with other work.
       setting: JSON-able description recorded in the results.
+      codec, params: the diffjax codec and its parameters behind a :func:`codec_point`
+        (``None`` for baselines), so the video runner can code clips with it
+        (:func:`diffjax.eval.video.as_video_point`).
     """
 
     curve: str
@@ -39,6 +42,8 @@ class RatePoint:
     decode: Callable[[bytes], np.ndarray]
     parallel: bool = False
     setting: dict = dataclasses.field(default_factory=dict)
+    codec: Any = dataclasses.field(default=None, repr=False)
+    params: Any = dataclasses.field(default=None, repr=False)
 
 
 def baseline_points(name: str, values: Sequence[int] | None = None) -> list[RatePoint]:
@@ -64,7 +69,7 @@ def codec_point(codec: Any, params: Any, curve: str | None = None,
     return RatePoint(curve=curve or f"diffjax {name}", label=label or name,
                      encode=lambda image: codec.encode(params, image),
                      decode=lambda data: codec.decode(params, data), parallel=False,
-                     setting={"codec": name, **(setting or {})})
+                     setting={"codec": name, **(setting or {})}, codec=codec, params=params)
 
 
 # training task name -> (codec name, config keys that are codec constructor arguments)
