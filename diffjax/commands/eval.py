@@ -21,8 +21,11 @@ baselines (--baselines, comma list): jpeg, webp, avif (Pillow), hevc (x265 intra
 av1 (libaom intra). --sweep NAME=v1,v2,... replaces a baseline's default sweep
 (quality for Pillow formats, crf for hevc/av1).
 
-video (--video): each positional argument is a clip (video file or folder of frames),
---baselines x264,x265 (default both), --sweep x264=40,30,20 sets the CRFs.
+video (--video): each positional argument is a clip (.y4m/.mp4/.mkv/.mov/.avi/.webm or
+a folder of frames), --baselines x264,x265 (default both), --sweep x264=40,30,20 sets the
+CRFs. --codec specs name diffjax video codecs, or image codecs, which then code every
+frame on its own (intra-only). Metrics: frame-averaged PSNR, MS-SSIM (frames > 160 px),
+LPIPS, tLP and the flow-warping error; rd_tlp.png and rd_warping_error.png are added.
 
 outputs in --out: rd.json (every image, every rate point), rd_psnr.png, rd_ms_ssim.png,
 rd_lpips.png (rd_fid.png with --fid), bd_rate.md (BD-rates vs --anchor).
@@ -33,6 +36,8 @@ examples:
   diffjax eval ../shared/data/kodak --codec runs/hp-q1 --codec runs/hp-q3 \\
       --baselines jpeg --anchor jpeg --fid --out /tmp/rd
   diffjax eval --video ../shared/data/basketballpass --frames 30 --out /tmp/vrd
+  diffjax eval --video clip.mp4 --frames 8 --codec residual=runs/res --baselines x264 \\
+      --out /tmp/vrd
 """
 
 
@@ -64,8 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-bitstreams", action="store_true",
                         help="keep the bitstreams in OUT/bitstreams")
     parser.add_argument("--video", action="store_true",
-                        help="video mode: x264/x265 CRF sweeps (--baselines x264,x265) with "
-                             "frame-averaged metrics and tLP")
+                        help="video mode: diffjax codecs (--codec) and x264/x265 CRF sweeps "
+                             "(--baselines x264,x265) with frame-averaged metrics, tLP and "
+                             "the warping error")
     parser.add_argument("--frames", type=int, help="video mode: first N frames of each clip")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -140,17 +146,17 @@ def run(args: argparse.Namespace) -> int:
     anchor = bl.PRETTY.get(args.anchor, args.anchor) if args.anchor else None
     out = pathlib.Path(args.out)
     if args.video:
-        if args.codec:
-            raise InputError("--video evaluates the x264/x265 baselines; diffjax video codecs "
-                             "are not supported by the runner yet")
-        from diffjax.eval.video import evaluate_video_rd, load_clip
+        from diffjax.eval.video import as_video_point, evaluate_video_rd, load_clip
 
         clips = [(pathlib.Path(p).name, load_clip(p, args.frames)) for p in args.images]
+        points = [as_video_point(p) for p in _codec_points(args)]
         out.mkdir(parents=True, exist_ok=True)
         result = evaluate_video_rd(clips, names, sweeps, lpips_net=args.lpips_net,
                                    workers=args.workers, anchor=anchor,
                                    progress=not args.no_progress,
-                                   dataset=",".join(n for n, _ in clips))
+                                   dataset=",".join(n for n, _ in clips), points=points,
+                                   bitstream_dir=(out / "bitstreams" if args.keep_bitstreams
+                                                  else None))
     else:
         if len(args.images) != 1:
             raise InputError("give one folder of images (or use --video for clips)")
@@ -169,15 +175,24 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress, dataset=pathlib.Path(args.images[0]).name)
     result["argv"] = list(sys.argv)
     (out / "rd.json").write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
-    plot_rd(result, out, title=result["dataset"]["name"])
+    if args.video:
+        from diffjax.eval.video import plot_video_rd
+
+        plot_video_rd(result, out, title=result["dataset"]["name"])
+    else:
+        plot_rd(result, out, title=result["dataset"]["name"])
     table = format_bd_table(result["bd_rate"])
     (out / "bd_rate.md").write_text(table + "\n")
     print(f"{'curve':28s} {'setting':14s} {'bpp':>7s} {'PSNR':>7s} {'MS-SSIM':>8s} "
           f"{'LPIPS':>7s} {'enc s':>7s} {'dec s':>7s}")
+    warping = {(c, p["label"]): p.get("warping_error")
+               for c, pts in result["curves"].items() for p in pts}
     for r in summary_rows(result):
         ms = "   n/a" if r["ms_ssim"] is None else f"{r['ms_ssim']:.4f}"
         extra = f"  FID {r['fid']:.2f} KID {r['kid']:.4f}" if r["fid"] is not None else ""
         extra += f"  tLP {r['tlp']:.4f}" if r.get("tlp") is not None else ""
+        warp = warping.get((r["curve"], r["label"]))
+        extra += f"  warp {warp:.5f}" if warp is not None else ""
         print(f"{r['curve'][:28]:28s} {r['label'][:14]:14s} {r['bpp']:7.3f} {r['psnr']:7.2f} "
               f"{ms:>8s} {r['lpips']:7.4f} {r['enc_s']:7.3f} {r['dec_s']:7.3f}{extra}")
     print()
