@@ -72,22 +72,22 @@ def bench_diffjax(codec, params, data, steps, repeats):
     import jax.numpy as jnp
 
     import diffjax.compile
-    from diffjax.codecs.foundation import _channel_indexes
-    from diffjax.entropy import bitstream, coder
+    from diffjax.entropy import bitstream
     from diffjax.models.param_estimator import affine_inverse
 
     bb = codec.backbone
-    fingerprint, w_table, medians = codec._prepared(params)
+    fingerprint, latent_coder, medians = codec._prepared(params)
     header, sections = bitstream.unpack(data)
-    z_shape, w_shape = codec._geometry(header.height, header.width)
+    z_shape, w_shape = codec.geometry(header.height, header.width)
     side = np.frombuffer(sections[0], "<f2").astype(np.float32)
     t, gamma = side[:1], side[1:].reshape(1, 2, -1)
     hyper = codec._fn("hyper")
 
     def entropy():
-        w = coder.decode(sections[1], _channel_indexes(w_shape), w_table)
-        idx = np.asarray(hyper(params, w[None], medians))
-        return coder.decode(sections[2], idx[0], codec.z_table)
+        w = latent_coder.decode_z(sections[1], w_shape)
+        z, _ = latent_coder.decode_y([sections[2]], w[None],
+                                     lambda w: (hyper(params, w, medians), None))
+        return z[0]
 
     rows = {}
     rows["entropy"] = timed(entropy, repeats)

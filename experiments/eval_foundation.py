@@ -29,26 +29,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CURVE = "diffjax foundation (TAEF2)"
-# task.kwargs of the foundation training config that are codec constructor arguments
-CODEC_KEYS = ("vae", "vae_config", "scheduler_config", "estimator_features",
-              "hyper_channels", "init_t", "num_inference_steps")
-
-
 def load_model(workdir: str, step: int | None = None, use_ema: bool = False):
-    """(codec kwargs, params, step) of a foundation training workdir."""
-    from diffjax.convert.core import read_model_config
-    from diffjax.errors import CheckpointError
-    from diffjax.eval.points import load_checkpoint
+    """(codec kwargs, params, step) of a foundation model folder or training workdir."""
+    from diffjax.codecs.pretrained import load_model as load
 
-    params, config, step = load_checkpoint(workdir, step, use_ema)
-    task = config.get("task", {})
-    if task.get("name") != "foundation":
-        raise CheckpointError(f"{workdir}: task {task.get('name')!r} is not 'foundation'")
-    kw = task["kwargs"]
-    kwargs = {k: kw[k] for k in CODEC_KEYS if k in kw}
-    kwargs["unet_config"] = (read_model_config(kw["unet_path"])["config"]
-                             if kw.get("unet_path") else kw["unet_config"])
-    return kwargs, params, step
+    model = load(workdir, "foundation", step=step, use_ema=use_ema)
+    return model.config, model.params, model.info.get("step")
 
 
 def lambda_table(result: dict, codecs: dict, params, bitstream_dir: pathlib.Path) -> list:

@@ -1,7 +1,8 @@
-"""The codec protocol every diffjax codec follows.
+"""The codec protocol every diffjax codec follows, for images (:class:`Codec`) and video
+(:class:`VideoCodec`).
 
 A codec is a small object that knows its network and its bitstream layout; the trained
-parameters are passed in explicitly (pure functional, like Flax). Every codec:
+parameters are passed in explicitly (pure functional, like Flax). Every image codec:
 
 * has a ``name`` (CLI / registry name) and a ``codec_id`` (an integer written into the
   bitstream header, so a file from another codec is refused);
@@ -13,6 +14,13 @@ parameters are passed in explicitly (pure functional, like Flax). Every codec:
 * ``fingerprint(params) -> bytes``: a hash of the parameters, written into the header so a
   file decoded with other weights is refused.
 
+A **video codec** (:class:`VideoCodec`) has the same ``name``, ``codec_id`` and
+``fingerprint``; ``encode(params, frames, fps=None)`` takes uint8 ``[T, H, W, 3]`` and
+writes a container of format version 2, which records the frame count and the frame rate;
+``decode_frames(params, data)`` is a generator that decodes group by group (a long clip is
+never held as latents all at once) and ``decode`` stacks it. Bad input raises the same
+typed errors as for images. ``media`` (``"image"`` / ``"video"``) tells the two apart.
+
 Codecs register themselves with :func:`register` so the CLI and the rate-distortion runner
 find them by name (``diffjax.codecs.get("hyperprior", N=128, M=192, mean_scale=True)``).
 
@@ -22,8 +30,12 @@ writes it into the header's quality field; a codec with one trained model per ra
 hyperprior: one parameter set per lambda) writes 0 and the rate point is identified by the
 fingerprint. The rate-distortion runner loops over (quality, params) pairs.
 
+``qualities`` lists the valid values of the ``quality`` constructor argument (``()`` for a
+codec without one); the CLI's ``--quality`` default is the middle one.
+
 **Codec ids** (header field; ``register`` refuses duplicates): 1 hyperprior, 2 residual,
-3 foundation, 4 diffae, 5 hint; 100+ for experiments.
+3 foundation, 4 diffae, 5 hint, 6 residual-video, 7 intra (any image codec on every frame
+of a video), 8 diffae-video; 100+ for experiments.
 
 Shared helpers: :func:`check_image` (validates uint8 ``[H, W, 3]``), :func:`pad_to_multiple`
 / :func:`crop` (edge-pad bottom/right to the model stride, crop back) and
@@ -33,7 +45,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
 
@@ -43,6 +55,8 @@ class Codec(abc.ABC):
 
     name: ClassVar[str]
     codec_id: ClassVar[int]
+    media: ClassVar[str] = "image"
+    qualities: tuple = ()
 
     @abc.abstractmethod
     def encode(self, params: Any, image: np.ndarray) -> bytes:
@@ -63,6 +77,46 @@ class Codec(abc.ABC):
     def decode_batch(self, params: Any, datas: Sequence[bytes]) -> list:
         """Decode several bitstreams; must equal decoding them one at a time."""
         return [self.decode(params, d) for d in datas]
+
+
+class VideoCodec(abc.ABC):
+    """Abstract base class of video codecs (see the module docstring)."""
+
+    name: ClassVar[str]
+    codec_id: ClassVar[int]
+    media: ClassVar[str] = "video"
+    qualities: tuple = ()
+
+    @abc.abstractmethod
+    def encode(self, params: Any, frames: np.ndarray, fps: Any = None) -> bytes:
+        """uint8 ``[T, H, W, 3]`` frames (and their frame rate) -> complete bitstream."""
+
+    @abc.abstractmethod
+    def decode_frames(self, params: Any, data: bytes, **options) -> Iterator[np.ndarray]:
+        """Bitstream -> uint8 ``[H, W, 3]`` frames, one group at a time (a generator).
+
+        The whole container (lengths, CRCs, codec, fingerprint) is verified before the
+        first frame is produced, so a damaged file fails before any output is written."""
+
+    @abc.abstractmethod
+    def fingerprint(self, params: Any) -> bytes:
+        """Hash of the parameters written into every bitstream header."""
+
+    def decode(self, params: Any, data: bytes, **options) -> np.ndarray:
+        """Bitstream -> uint8 ``[T, H, W, 3]`` (all of :meth:`decode_frames`)."""
+        return np.stack(list(self.decode_frames(params, data, **options)))
+
+
+def check_frames(frames: Any) -> np.ndarray:
+    """Validate a video codec input: a uint8 ``[T, H, W, 3]`` array with T, H, W >= 1."""
+    from diffjax.errors import InputError
+
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8:
+        raise InputError(f"expected uint8 frames, got dtype {frames.dtype}")
+    if frames.ndim != 4 or frames.shape[-1] != 3 or min(frames.shape[:3]) < 1:
+        raise InputError(f"expected RGB frames [T, H, W, 3], got shape {frames.shape}")
+    return frames
 
 
 def check_image(image: Any) -> np.ndarray:
@@ -150,6 +204,15 @@ def codec_name(codec_id: int) -> str | None:
 def available() -> list[str]:
     """Names of the registered codecs."""
     return sorted(_REGISTRY)
+
+
+def codec_class(name: str) -> Callable[..., Codec]:
+    """The registered class (factory) of codec ``name``."""
+    from diffjax.errors import InputError
+
+    if name not in _REGISTRY:
+        raise InputError(f"unknown codec {name!r}; available: {', '.join(available()) or 'none'}")
+    return _REGISTRY[name]
 
 
 def get(name: str, **kwargs) -> Codec:

@@ -49,7 +49,8 @@ from diffjax.diffusion.samplers import Plan, get_sampler
 from diffjax.diffusion.sampling import run_plan
 from diffjax.diffusion.schedules import continuous_schedule, load_scheduler_config
 from diffjax.entropy import bitstream, coder
-from diffjax.entropy.bitstream import CorruptError, WrongModelError
+from diffjax.entropy.bitstream import CorruptError
+from diffjax.entropy.latent_coder import IdentityCache, LatentCoder, group_indexes
 from diffjax.entropy.models import (DEFAULT_SCALE_TABLE, bits, factorized_medians,
                                     factorized_table, gaussian_table)
 from diffjax.errors import InputError
@@ -298,6 +299,7 @@ class FoundationCodec(Codec):
             raise InputError("the foundation codec needs vae_config, unet_config and "
                              "scheduler_config (see experiments/configs/foundation_sd21.py)")
         self.quality = int(quality)
+        self.qualities = tuple(int(v) for v in LAMBDAS)  # the lambdas it is trained on
         self.num_inference_steps = int(num_inference_steps)
         self.backbone = Backbone(vae, vae_config, unet_config, scheduler_config, dtype=dtype)
         self.model = FoundationModel(self.backbone.latent_channels, tuple(estimator_features),
@@ -308,7 +310,7 @@ class FoundationCodec(Codec):
             ["foundation", vae, dict(vae_config), dict(unet_config),
              self.backbone.scheduler_config, list(estimator_features), int(hyper_channels)],
             sort_keys=True, default=str).encode()
-        self._cache: tuple = ((), None)
+        self._cache = IdentityCache()
         self._jitted: dict = {}
         self._device_params: dict = {}
 
@@ -335,11 +337,10 @@ class FoundationCodec(Codec):
         return out
 
     def _prepared(self, params: Mapping):
-        leaves = jax.tree_util.tree_leaves(params)
-        cached_leaves, prepared = self._cache
-        if (prepared is not None and len(leaves) == len(cached_leaves)
-                and all(a is b for a, b in zip(leaves, cached_leaves))):
-            return prepared
+        """``(fingerprint, LatentCoder, hyper-latent medians)``, cached per parameter tree."""
+        return self._cache.get(params, self._prepare)
+
+    def _prepare(self, params: Mapping):
         try:
             eb = params["model"]["entropy"]["entropy_bottleneck"]
             missing = [k for k in ("vae", "unet") if k not in params]
@@ -349,12 +350,9 @@ class FoundationCodec(Codec):
         if missing:
             raise InputError(f"foundation codec params lack {missing}")
         w_table = factorized_table(eb)
-        prepared = (fingerprint_pytree(params, self._config, w_table.digest(),
-                                       self.z_table.digest()),
-                    w_table, factorized_medians(eb))
-        if all(isinstance(a, jax.Array) for a in leaves):
-            self._cache = (tuple(leaves), prepared)
-        return prepared
+        return (fingerprint_pytree(params, self._config, w_table.digest(),
+                                   self.z_table.digest()),
+                LatentCoder(w_table, self.z_table), factorized_medians(eb))
 
     def fingerprint(self, params: Any) -> bytes:
         return self._prepared(params)[0]
@@ -444,7 +442,8 @@ class FoundationCodec(Codec):
         # 1e-6 absorbs float32 representation error (t = 0.1 -> 5 steps of 50, not 6)
         return max(1, int(math.ceil(float(np.float64(t)) * self.num_inference_steps - 1e-6)))
 
-    def _geometry(self, height: int, width: int):
+    def geometry(self, height: int, width: int):
+        """``(latent shape, hyper-latent shape)`` of an image of that size (no batch axis)."""
         s, f = self.backbone.stride, self.backbone.vae_factor
         hp, wp = -(-height // s) * s, -(-width // s) * s
         c = self.backbone.latent_channels
@@ -464,7 +463,7 @@ class FoundationCodec(Codec):
 
     def latents(self, params: Any, images: np.ndarray) -> dict:
         """Symbols and side information of a same-size uint8 batch ``[B, H, W, 3]`` (host)."""
-        _, w_table, medians = self._prepared(params)
+        medians = self._prepared(params)[2]
         x = pad_to_multiple(np.asarray(images), self.backbone.stride).astype(np.float32) / 255.0
         z, w, idx, gamma, t = self._fn("analyze")(params, x, jnp.float32(self.quality), medians)
         z = np.asarray(z)
@@ -474,22 +473,18 @@ class FoundationCodec(Codec):
                 "gamma": np.asarray(gamma, np.float16), "t": np.asarray(t, np.float16)}
 
     def encode_batch(self, params: Any, images: Sequence[np.ndarray]) -> list:
-        fingerprint, w_table, _ = self._prepared(params)
+        fingerprint, latent_coder, _ = self._prepared(params)
         images = [check_image(im) for im in images]
         meta = self._meta_struct()
         out: list = [None] * len(images)
-        groups: dict = {}
-        for i, im in enumerate(images):
-            groups.setdefault(self._geometry(*im.shape[:2]), []).append(i)
-        for members in groups.values():
+        for members in group_indexes(images, lambda im: self.geometry(*im.shape[:2])).values():
             lat = self.latents(params, np.stack(
                 [pad_to_multiple(images[i], self.backbone.stride) for i in members]))
             for j, i in enumerate(members):
                 z, w = lat["z_symbols"][j], lat["w_symbols"][j]
                 side = np.concatenate([lat["t"][j:j + 1], lat["gamma"][j].reshape(-1)])
                 sections = [meta.pack(*side.astype(np.float16).tolist()),
-                            coder.encode(w, _channel_indexes(w.shape), w_table),
-                            coder.encode(z, lat["indexes"][j], self.z_table)]
+                            *latent_coder.encode(w, z, lat["indexes"][j])]
                 h, wd = images[i].shape[:2]
                 out[i] = bitstream.pack(self.codec_id, fingerprint, sections, height=h,
                                         width=wd, quality=self.quality)
@@ -529,30 +524,21 @@ class FoundationCodec(Codec):
         if num_steps is not None and not (isinstance(num_steps, (int, np.integer))
                                           and 1 <= num_steps <= 1000):
             raise InputError(f"num_steps must be an integer in 1..1000, got {num_steps!r}")
-        fingerprint, w_table, medians = self._prepared(params)
+        fingerprint, latent_coder, medians = self._prepared(params)
         items = []
         for data in datas:
             header, sections, t_i, gamma = self._unpack(data, fingerprint)
-            z_shape, w_shape = self._geometry(header.height, header.width)
-            w = coder.decode(sections[1], _channel_indexes(w_shape), w_table)
+            _, w_shape = self.geometry(header.height, header.width)
+            w = latent_coder.decode_z(sections[1], w_shape)
             t_i = np.float32(t) if t is not None else t_i
             k = int(num_steps) if num_steps is not None else self.predicted_steps(t_i)
             items.append(dict(header=header, z_data=sections[2], w=w, gamma=gamma, t=t_i, k=k))
         out: list = [None] * len(items)
-        groups: dict = {}
-        for i, it in enumerate(items):
-            groups.setdefault((it["w"].shape, it["k"]), []).append(i)
-        for (_, k), members in groups.items():
-            idx = np.asarray(self._fn("hyper")(params, np.stack([items[i]["w"] for i in members]),
-                                               medians))
-            try:
-                z = np.stack([coder.decode(items[i]["z_data"], idx[j], self.z_table)
-                              for j, i in enumerate(members)])
-            except CorruptError as err:  # the container CRC already vouched for the bytes
-                raise WrongModelError(
-                    "latents do not decode although the file is intact: this decoder's "
-                    "hyper-synthesis disagrees with the encoder's (different weights or "
-                    f"different floating-point results) [{err}]") from err
+        hyper = lambda w: (self._fn("hyper")(params, w, medians), None)  # noqa: E731
+        for members in group_indexes(items, lambda it: (it["w"].shape, it["k"])).values():
+            k = items[members[0]]["k"]
+            z, _ = latent_coder.decode_y([items[i]["z_data"] for i in members],
+                                         np.stack([items[i]["w"] for i in members]), hyper)
             gamma = np.stack([items[i]["gamma"] for i in members])
             ts = np.asarray([items[i]["t"] for i in members], np.float32)
             synth = self._fn("synthesize", steps_bucket(k))
@@ -564,11 +550,6 @@ class FoundationCodec(Codec):
                 h = items[i]["header"]
                 out[i] = crop(x[j], h.height, h.width)
         return out
-
-
-def _channel_indexes(shape) -> np.ndarray:
-    """Factorized-table row of every hyper-latent symbol: its channel."""
-    return np.broadcast_to(np.arange(shape[-1], dtype=np.int32), shape)
 
 
 # ----------------------------------------------------------------------------- training task
@@ -648,6 +629,11 @@ class FoundationTask(Task):
                                      estimator_features=estimator_features,
                                      hyper_channels=hyper_channels, init_t=init_t,
                                      num_inference_steps=num_inference_steps)
+        self._codec_kwargs = dict(
+            vae=vae, vae_config=self.vae_config, unet_config=self.unet_config,
+            scheduler_config=scheduler_config, estimator_features=list(estimator_features),
+            hyper_channels=int(hyper_channels), init_t=float(init_t),
+            num_inference_steps=int(num_inference_steps))
         self.lambdas = tuple(float(v) for v in lambdas)
         if not self.lambdas or min(self.lambdas) <= 0:
             raise InputError(f"lambdas must be positive, got {lambdas}")
@@ -656,6 +642,14 @@ class FoundationTask(Task):
         self.distortion_scale = float(distortion_scale)
         if self.distortion_scale <= 0:
             raise InputError(f"distortion_scale must be positive, got {distortion_scale}")
+
+    codec_name = "foundation"
+
+    def codec_kwargs(self) -> dict:
+        return dict(self._codec_kwargs)
+
+    def provenance(self) -> dict:
+        return {"lambdas": list(self.lambdas), "distortion_scale": self.distortion_scale}
 
     def _loaders(self) -> dict:
         from diffjax.convert.core import load_pretrained

@@ -39,8 +39,9 @@ from diffjax.codecs.base import (
     pad_to_multiple,
     register,
 )
-from diffjax.entropy import bitstream, coder
-from diffjax.entropy.bitstream import CorruptError, WrongModelError
+from diffjax.entropy import bitstream
+from diffjax.entropy.bitstream import CorruptError
+from diffjax.entropy.latent_coder import IdentityCache, LatentCoder, check_symbols, group_indexes
 from diffjax.entropy.models import (
     DEFAULT_SCALE_TABLE,
     bits,
@@ -54,7 +55,7 @@ from diffjax.models.hyperprior import STRIDE, HyperpriorModel
 @dataclasses.dataclass(frozen=True)
 class _Prepared:
     fingerprint: bytes
-    z_table: coder.CdfTable
+    coder: LatentCoder
     medians: np.ndarray
 
 
@@ -76,7 +77,7 @@ class HyperpriorCodec(Codec):
         self.y_table = gaussian_table(self.model.scale_table)
         self._config = (f"hyperprior/N={self.model.N}/M={self.model.M}/"
                         f"mean_scale={self.model.mean_scale}").encode()
-        self._cache: tuple = ((), None)
+        self._cache = IdentityCache()
         m = self.model
 
         def analyze(p, x, medians):
@@ -121,33 +122,24 @@ class HyperpriorCodec(Codec):
         return params
 
     def _prepared(self, params: Any) -> _Prepared:
-        leaves = jax.tree_util.tree_leaves(params)
-        cached_leaves, prepared = self._cache
-        if (prepared is not None and len(leaves) == len(cached_leaves)
-                and all(a is b for a, b in zip(leaves, cached_leaves))):
-            return prepared
+        return self._cache.get(params, self._prepare)
+
+    def _prepare(self, params: Any) -> _Prepared:
         try:
             eb = params["entropy_bottleneck"]
         except (KeyError, TypeError) as err:
             raise InputError("params are not HyperpriorModel parameters") from err
         z_table = factorized_table(eb)
-        prepared = _Prepared(
+        return _Prepared(
             fingerprint_pytree(params, self._config, z_table.digest(), self.y_table.digest()),
-            z_table, factorized_medians(eb),
-        )
-        # Only immutable (jax) leaves are safe to cache by identity.
-        if all(isinstance(a, jax.Array) for a in leaves):
-            self._cache = (tuple(leaves), prepared)
-        return prepared
+            LatentCoder(z_table, self.y_table), factorized_medians(eb))
 
     def fingerprint(self, params: Any) -> bytes:
         return self._prepared(self._unwrap(params)).fingerprint
 
     # ----------------------------------------------------------------- helpers
-    def _z_indexes(self, z_shape) -> np.ndarray:
-        return np.broadcast_to(np.arange(self.model.N, dtype=np.int32), z_shape)
-
-    def _geometry(self, height: int, width: int):
+    def geometry(self, height: int, width: int):
+        """``(z_shape, y_shape)`` of an image of that size (one example, no batch axis)."""
         hp, wp = -(-height // STRIDE) * STRIDE, -(-width // STRIDE) * STRIDE
         return (hp // STRIDE, wp // STRIDE, self.model.N), (hp // 16, wp // 16, self.model.M)
 
@@ -163,12 +155,7 @@ class HyperpriorCodec(Codec):
         y, z_sym = self._analyze(p, x, prep.medians)
         idx, means = self._hyper(p, z_sym, prep.medians)
         y, means = np.asarray(y), np.asarray(means)
-        v = y - means
-        if not np.all(np.isfinite(v)):
-            raise InputError("the analysis transform produced non-finite latents (NaN/inf params?)")
-        if np.abs(v).max(initial=0) > coder.MAX_ABS_SYMBOL:
-            raise InputError("latents too large to code (broken parameters?)")
-        return {"y_symbols": np.rint(v).astype(np.int32), "z_symbols": np.asarray(z_sym),
+        return {"y_symbols": check_symbols(y - means), "z_symbols": np.asarray(z_sym),
                 "indexes": np.asarray(idx), "means": means}
 
     def estimate_bits(self, params: Any, image: np.ndarray) -> dict:
@@ -192,15 +179,12 @@ class HyperpriorCodec(Codec):
         prep = self._prepared(p)
         images = [check_image(im) for im in images]
         out: list = [None] * len(images)
-        for members in _group(images, lambda im: self._geometry(*im.shape[:2])).values():
+        for members in group_indexes(images, lambda im: self.geometry(*im.shape[:2])).values():
             padded = np.stack([pad_to_multiple(images[i], STRIDE) for i in members])
             lat = self.latents(p, padded)
             for j, i in enumerate(members):
-                z_sym, y_sym = lat["z_symbols"][j], lat["y_symbols"][j]
-                sections = [
-                    coder.encode(z_sym, self._z_indexes(z_sym.shape), prep.z_table),
-                    coder.encode(y_sym, lat["indexes"][j], self.y_table),
-                ]
+                sections = prep.coder.encode(lat["z_symbols"][j], lat["y_symbols"][j],
+                                             lat["indexes"][j])
                 h, w = images[i].shape[:2]
                 out[i] = bitstream.pack(self.codec_id, prep.fingerprint, sections,
                                         height=h, width=w)
@@ -208,22 +192,13 @@ class HyperpriorCodec(Codec):
 
     def decode_batch(self, params: Any, datas: Sequence[bytes]) -> list:
         """Decode bitstreams; same-size images share one network call, same result."""
+        return [image for image, _ in self.decode_with_latents(params, datas)]
+
+    def decode_with_latents(self, params: Any, datas: Sequence[bytes]) -> list:
+        """``[(image uint8 [H, W, 3], ŷ [1, Hp/16, Wp/16, M])]`` of fully verified
+        bitstreams, from one pass over the streams: ``ŷ = symbols + μ`` is what the synthesis
+        transform received (codecs built on this one condition on it)."""
         p = self._unwrap(params)
-        out: list = [None] * len(datas)
-        for members, headers, y_batch, means in self._decode_latents(p, datas):
-            x = np.asarray(self._synthesize(p, y_batch, means))
-            for j, (i, header) in enumerate(zip(members, headers)):
-                out[i] = crop(x[j], header.height, header.width)
-        return out
-
-    def decoded_latents(self, params: Any, data: bytes) -> np.ndarray:
-        """``ŷ = symbols + μ`` ``[1, Hp/16, Wp/16, M]`` of a bitstream (fully verified),
-        i.e. what the synthesis transform receives; for codecs built on this one."""
-        ((_, _, y_batch, means),) = self._decode_latents(self._unwrap(params), [data])
-        return y_batch.astype(np.float32) + means
-
-    def _decode_latents(self, p, datas):
-        """Yield ``(members, headers, y_symbols, means)`` per group of same-size files."""
         prep = self._prepared(p)
         items = []
         for data in datas:
@@ -231,28 +206,20 @@ class HyperpriorCodec(Codec):
                                                 fingerprint=prep.fingerprint)
             if (header.frames, header.channels, len(sections)) != (1, 3, 2):
                 raise CorruptError("hyperprior bitstream has the wrong section layout")
-            z_shape, _ = self._geometry(header.height, header.width)
-            z_sym = coder.decode(sections[0], self._z_indexes(z_shape), prep.z_table)
-            items.append((header, sections[1], z_sym))
-        for members in _group(items, lambda it: it[2].shape).values():
-            z_batch = np.stack([items[i][2] for i in members])
-            idx, means = self._hyper(p, z_batch, prep.medians)
-            idx, means = np.asarray(idx), np.asarray(means)
-            y_batch = np.empty(idx.shape, np.int32)
+            items.append((header, sections))
+        out: list = [None] * len(datas)
+        hyper = lambda z: self._hyper(p, z, prep.medians)  # noqa: E731
+        z_shapes = [self.geometry(h.height, h.width)[0] for h, _ in items]
+        for members in group_indexes(z_shapes, lambda z_shape: z_shape).values():
+            z_shape = z_shapes[members[0]]
+            y_sym, means = prep.coder.decode([items[i][1] for i in members], z_shape, hyper)
+            x = np.asarray(self._synthesize(p, y_sym, means))
             for j, i in enumerate(members):
-                try:
-                    y_batch[j] = coder.decode(items[i][1], idx[j], self.y_table)
-                except CorruptError as err:
-                    raise WrongModelError(
-                        "latents do not decode although the file is intact: this decoder's "
-                        "hyper-synthesis disagrees with the encoder's (different weights or "
-                        f"different floating-point results) [{err}]") from err
-            yield members, [items[i][0] for i in members], y_batch, means
+                header = items[i][0]
+                y_hat = y_sym[j:j + 1].astype(np.float32) + means[j:j + 1]
+                out[i] = (crop(x[j], header.height, header.width), y_hat)
+        return out
 
-
-def _group(items, key) -> dict:
-    """Indexes of ``items`` grouped by ``key(item)``, in first-seen order."""
-    groups: dict = {}
-    for i, item in enumerate(items):
-        groups.setdefault(key(item), []).append(i)
-    return groups
+    def decoded_latents(self, params: Any, data: bytes) -> np.ndarray:
+        """``ŷ = symbols + μ`` ``[1, Hp/16, Wp/16, M]`` of a bitstream (fully verified)."""
+        return self.decode_with_latents(params, [data])[0][1]

@@ -1,15 +1,24 @@
-"""Trained residual-codec weights: the shipped model, exported folders, training workdirs.
+"""Trained codecs on disk: one model-folder format for every codec, and training workdirs.
 
-A *model folder* holds ``model.json`` (``{"codec": "residual", "model": {...constructor
-arguments...}, "lmbdas": [...], "default_steps": n, "step": training step}``) and
-``params.msgpack`` (``flax.serialization`` of the ``"params"`` tree, float32). The shipped
-model lives in ``diffjax/weights/residual/`` with its ``MODEL_CARD.md``.
+A **model folder** holds
 
-:func:`load_model` also accepts a training workdir of ``experiments/train.py``
-(``config.json`` + Orbax ``checkpoints/``): the latest step's parameters are read without
-rebuilding the optimizer state, so a run in progress can be tried with
-``diffjax compress --model runs/residual-cpu``. :func:`export_model` turns such a workdir
-into a model folder (what ships).
+* ``model.json``: ``{"format": "diffjax.codec", "format_version": 1, "codec": NAME,
+  "kwargs": {constructor arguments}, ...provenance}``, where the provenance keys are free
+  (``step``, ``stages`` of training, ``lmbdas``, data and licence notes, ...);
+* ``params.msgpack``: ``flax.serialization`` of the parameter tree (float16 leaves are
+  widened to float32 on load, so a model may ship in half precision).
+
+``diffjax.codecs.load(path) -> (codec, params)`` reads a model folder or a **training
+workdir** of ``experiments/train.py`` (``config.json`` + Orbax ``checkpoints/``): the
+task named in the config says which codec it trains (:attr:`diffjax.train.task.Task.codec_name`
+and :meth:`~diffjax.train.task.Task.codec_kwargs`), and the latest step's parameters are
+read without the optimizer state, so a run in progress can be tried with
+``diffjax compress --model runs/NAME``. :func:`export_model` (``python -m
+experiments.export``) turns a workdir into a model folder. The shipped models live in
+``diffjax/weights/<codec name>/`` with their ``MODEL_CARD.md``.
+
+Folders written before this format (``{"codec": "residual", "model": {...},
+"default_steps": n, ...}``) still load.
 """
 from __future__ import annotations
 
@@ -22,9 +31,11 @@ import numpy as np
 
 from diffjax.errors import CheckpointError, InputError
 
-SHIPPED_DIR = pathlib.Path(__file__).resolve().parents[1] / "weights" / "residual"
-_MODEL_KEYS = ("N", "M", "num_qualities", "refiner_channels", "refiner_layers",
-               "refiner_groups", "patch", "residual_scale")
+FORMAT = "diffjax.codec"
+FORMAT_VERSION = 1
+WEIGHTS_DIR = pathlib.Path(__file__).resolve().parents[1] / "weights"
+DEFAULT_CODEC = "residual"
+SHIPPED_DIR = WEIGHTS_DIR / DEFAULT_CODEC  # the default codec's shipped model
 
 
 class NoWeightsError(InputError):
@@ -33,168 +44,192 @@ class NoWeightsError(InputError):
 
 @dataclasses.dataclass
 class LoadedModel:
-    """A residual model: ``config`` (constructor arguments), ``params``, ``info`` (the rest
-    of ``model.json``: lambdas, training step, default steps) and where it came from."""
+    """A trained codec: its name, constructor ``config``, ``params``, ``info`` (the
+    provenance of ``model.json``) and where it came from."""
 
+    codec_name: str
     config: dict
     params: Any
     info: dict
     source: str
 
+    def codec(self, **overrides):
+        """The codec, built from ``config`` with ``overrides`` (e.g. ``quality``, ``steps``)."""
+        from diffjax.codecs.base import get
+
+        return get(self.codec_name, **{**self.config, **overrides})
+
+    @property
+    def qualities(self) -> tuple:
+        """The valid ``quality`` values of this model (``()`` when it has none)."""
+        return tuple(getattr(self.codec(), "qualities", ()))
+
     @property
     def num_qualities(self) -> int:
-        return int(self.config["num_qualities"])
+        return len(self.qualities)
 
-    def codec(self, quality: int, steps: int | None = None):
-        """The :class:`~diffjax.codecs.residual.ResidualCodec` of one rate point."""
-        from diffjax.codecs.residual import ResidualCodec
-
-        steps = self.info.get("default_steps", 4) if steps is None else steps
-        return ResidualCodec(quality=quality, steps=steps, **self.config)
+    def default_quality(self) -> int | None:
+        """The middle rate point (rounded down), ``None`` for a codec without rate points."""
+        q = self.qualities
+        return q[(len(q) - 1) // 2] if q else None
 
 
-def shipped_info() -> dict | None:
-    """``model.json`` of the shipped model (no jax import), or ``None`` if none ships."""
-    path = SHIPPED_DIR / "model.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def shipped_dir(codec_name: str = DEFAULT_CODEC) -> pathlib.Path:
+    return WEIGHTS_DIR / codec_name
 
 
-def load_model(path: str | pathlib.Path | None = None) -> LoadedModel:
-    """Load the shipped model (``path=None``), a model folder or a training workdir."""
+def shipped_info(codec_name: str = DEFAULT_CODEC) -> dict | None:
+    """``model.json`` of a shipped model (no jax import), or ``None`` if none ships."""
+    path = shipped_dir(codec_name) / "model.json"
+    return _normalised(json.loads(path.read_text()), path) if path.is_file() else None
+
+
+def shipped_codecs() -> list[str]:
+    """Names of the codecs that ship trained weights."""
+    return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "model.json").is_file())
+
+
+def load_model(path: str | pathlib.Path | None = None, codec: str | None = None, *,
+               step: int | None = None, use_ema: bool | None = None) -> LoadedModel:
+    """A model folder, a training workdir, or (``path=None``) the shipped model of ``codec``
+    (default: the default codec). ``step``/``use_ema`` select a workdir checkpoint."""
     if path is None:
-        if not (SHIPPED_DIR / "model.json").is_file():
-            raise NoWeightsError("no trained residual-codec weights ship with this diffjax yet; "
-                                 "pass --model PATH (a model folder or a training workdir)")
-        path = SHIPPED_DIR
+        name = codec or DEFAULT_CODEC
+        folder = shipped_dir(name)
+        if not (folder / "model.json").is_file():
+            shipped = ", ".join(shipped_codecs()) or "none"
+            raise NoWeightsError(f"no trained {name} weights ship with this diffjax (shipped: "
+                                 f"{shipped}); pass --model PATH (a model folder or a "
+                                 "training workdir)")
+        return _load_folder(folder)
     path = pathlib.Path(path)
     if not path.exists():
         raise NoWeightsError(f"model path {str(path)!r} does not exist")
     if (path / "model.json").is_file():
-        return _load_folder(path)
-    if (path / "checkpoints").is_dir() and (path / "config.json").is_file():
-        return _load_workdir(path)
-    raise NoWeightsError(f"{str(path)!r} is neither a model folder (model.json + "
-                         "params.msgpack) nor a training workdir (config.json + checkpoints/)")
+        model = _load_folder(path)
+    elif (path / "config.json").is_file() or (path / "checkpoints").is_dir() \
+            or (path / "state").is_dir() or path.name == "checkpoints":
+        model = _load_workdir(path, step=step, use_ema=use_ema)
+    else:
+        raise NoWeightsError(f"{str(path)!r} is neither a model folder (model.json + "
+                             "params.msgpack) nor a training workdir (config.json + checkpoints/)")
+    if codec is not None and model.codec_name != codec:
+        raise InputError(f"{str(path)!r} holds a {model.codec_name} model, not a {codec} model")
+    return model
+
+
+def load(path: str | pathlib.Path | None = None, codec: str | None = None, **overrides):
+    """``(codec, params)`` of a model folder, a training workdir or a shipped model;
+    ``overrides`` are codec constructor arguments (``quality=3``, ``steps=0``, ...)."""
+    model = load_model(path, codec)
+    return model.codec(**overrides), model.params
+
+
+def _normalised(meta: dict, where) -> dict:
+    """``model.json`` in the current layout (older residual folders converted)."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("codec"), str):
+        raise CheckpointError(f"{where} is not a diffjax codec model (no codec name)")
+    if "format" not in meta and isinstance(meta.get("model"), dict):  # pre-kit layout
+        meta = dict(meta)
+        kwargs = meta.pop("model")
+        if "default_steps" in meta:
+            kwargs["steps"] = meta.pop("default_steps")
+        meta.update(format=FORMAT, format_version=FORMAT_VERSION, kwargs=kwargs)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{where} is not a diffjax codec model (format "
+                              f"{meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{where}: model format version {meta.get('format_version')}; "
+                              f"this diffjax reads version {FORMAT_VERSION}")
+    if not isinstance(meta.get("kwargs"), dict):
+        raise CheckpointError(f"{where} has no constructor arguments (kwargs)")
+    return meta
 
 
 def _load_folder(path: pathlib.Path) -> LoadedModel:
     from flax import serialization
 
+    from diffjax.codecs.base import available
+
     try:
-        info = json.loads((path / "model.json").read_text())
-        if info.get("codec") != "residual":
-            raise CheckpointError(f"{path}/model.json is not a residual-codec model")
-        config = {k: info["model"][k] for k in _MODEL_KEYS}
+        meta = _normalised(json.loads((path / "model.json").read_text()), path / "model.json")
         params = serialization.msgpack_restore((path / "params.msgpack").read_bytes())
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"cannot read the model in {str(path)!r}: {err}") from err
-    return LoadedModel(config, _device(params), {k: v for k, v in info.items() if k != "model"},
+    if meta["codec"] not in available():
+        raise CheckpointError(f"{str(path)!r} holds a model of codec {meta['codec']!r}, which "
+                              f"this diffjax does not have ({', '.join(available())})")
+    info = {k: v for k, v in meta.items() if k not in ("format", "format_version", "codec",
+                                                        "kwargs")}
+    return LoadedModel(meta["codec"], dict(meta["kwargs"]), _device(params), info, str(path))
+
+
+def _load_workdir(path: pathlib.Path, step: int | None = None,
+                  use_ema: bool | None = None) -> LoadedModel:
+    from diffjax.train.checkpoint import read_workdir_params
+    from diffjax.train.task import build_task
+
+    try:
+        cfg, params, info = read_workdir_params(path, step=step, use_ema=use_ema)
+    except CheckpointError as err:
+        raise NoWeightsError(str(err)) from err
+    task = build_task(cfg["task"])
+    if not task.codec_name:
+        raise CheckpointError(f"{str(path)!r} trains task {cfg['task'].get('name')!r}, which "
+                              "is not a codec")
+    info = {**task.provenance(), "step": info["step"], "ema": info["ema"],
+            "task": cfg["task"].get("name")}
+    params = task.codec_params(params)
+    return LoadedModel(task.codec_name, task.codec_kwargs(), _device(_to_numpy(params)), info,
                        str(path))
 
 
-def _config_from_training(cfg: dict) -> tuple[dict, dict]:
-    kwargs = dict(cfg["task"]["kwargs"])
-    lmbdas = list(kwargs.get("lmbdas", ()))
-    defaults = {"N": 64, "M": 96, "refiner_channels": [32, 64], "refiner_layers": 1,
-                "refiner_groups": 8, "patch": 4, "residual_scale": 5.0}
-    config = {k: kwargs.get(k, defaults.get(k)) for k in _MODEL_KEYS if k != "num_qualities"}
-    config["num_qualities"] = len(lmbdas)
-    config["refiner_channels"] = list(config["refiner_channels"])
-    return config, {"lmbdas": lmbdas, "rho": kwargs.get("rho")}
-
-
-def _load_workdir(path: pathlib.Path) -> LoadedModel:
-    from diffjax.train.checkpoint import latest_step, read_workdir_params
-
-    try:
-        step = latest_step(path)
-    except CheckpointError as err:
-        raise NoWeightsError(str(err)) from err
-    cfg, params, _ = read_workdir_params(path, step=step, use_ema=False, task="residual")
-    config, info = _config_from_training(cfg)
-    info.update(step=step, default_steps=4, codec="residual")
-    return LoadedModel(config, _device(_to_numpy(params)), info, str(path))
-
-
 def _device(tree: Any) -> Any:
-    """jax arrays: the codec caches its derived tables by the identity of these leaves."""
+    """jax arrays (floats as float32): codecs cache derived tables by the identity of leaves."""
     import jax
     import jax.numpy as jnp
 
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
+    def put(a):
+        a = np.asarray(a)
+        return jnp.asarray(a, jnp.float32 if np.issubdtype(a.dtype, np.floating) else a.dtype)
+
+    return jax.tree.map(put, tree)
 
 
 def _to_numpy(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: _to_numpy(v) for k, v in tree.items()}
-    return np.asarray(tree, np.float32)
+    if hasattr(tree, "items"):
+        return {str(k): _to_numpy(v) for k, v in tree.items()}
+    a = np.asarray(tree)
+    return a.astype(np.float32) if np.issubdtype(a.dtype, np.floating) else a
 
 
-def save_model(directory: str | pathlib.Path, config: dict, params: Any, **info) -> pathlib.Path:
-    """Write a model folder (``model.json`` + ``params.msgpack``)."""
+def save_model(directory: str | pathlib.Path, codec_name: str, config: dict, params: Any,
+               **info) -> pathlib.Path:
+    """Write a model folder (``model.json`` + ``params.msgpack``); ``info``: provenance."""
     from flax import serialization
 
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
-    meta = {"codec": "residual", "model": config, **info}
-    (directory / "params.msgpack").write_bytes(serialization.msgpack_serialize(_to_numpy(
-        _plain(params))))
-    (directory / "model.json").write_text(json.dumps(meta, indent=2, default=float) + "\n")
+    config = json.loads(json.dumps(config, default=_jsonable))
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "codec": codec_name,
+            "kwargs": config, **info}
+    (directory / "params.msgpack").write_bytes(
+        serialization.msgpack_serialize(_to_numpy(params)))
+    (directory / "model.json").write_text(json.dumps(meta, indent=2, default=_jsonable) + "\n")
     return directory
 
 
-def _plain(tree: Any) -> Any:
-    if hasattr(tree, "items"):
-        return {str(k): _plain(v) for k, v in tree.items()}
-    return np.asarray(tree)
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return float(value)
 
 
-def export_model(workdir: str | pathlib.Path, directory: str | pathlib.Path, **info) -> LoadedModel:
-    """Export the latest checkpoint of a training workdir as a model folder."""
-    model = _load_workdir(pathlib.Path(workdir))
-    save_model(directory, model.config, model.params, **{**model.info, **info})
+def export_model(workdir: str | pathlib.Path, directory: str | pathlib.Path, *,
+                 step: int | None = None, use_ema: bool | None = None, **info) -> LoadedModel:
+    """Export a checkpoint of a training workdir (default: the latest) as a model folder."""
+    model = _load_workdir(pathlib.Path(workdir), step=step, use_ema=use_ema)
+    save_model(directory, model.codec_name, model.config, model.params, **{**model.info, **info})
     return _load_folder(pathlib.Path(directory))
-
-
-def add_rate_point(model: LoadedModel, lmbda: float, end: str = "low") -> LoadedModel:
-    """A copy of ``model`` with one more rate point below (``end="low"``) or above the others.
-
-    The new gain rows continue the two nearest rows geometrically (log-linear
-    extrapolation, as Cui et al. 2021 interpolate gains between trained rates), and the
-    refiner's quality one-hot input channel copies the nearest quality's weights, so the
-    new point starts as a sensible codec and fine-tuning with ``lmbda`` (CompressAI's
-    ``λᶜ`` of the new point) only has to refine it. Existing points keep their parameters;
-    with ``end="low"`` their quality indices move up by one.
-    """
-    if end not in ("low", "high"):
-        raise ValueError(f"end must be 'low' or 'high', not {end!r}")
-    if model.num_qualities < 2:
-        raise ValueError("extrapolating a gain needs a model with at least two rate points")
-    lmbdas = [float(v) for v in model.info.get("lmbdas", ())]
-    if len(lmbdas) != model.num_qualities:
-        raise ValueError(f"model.json lists {len(lmbdas)} lambdas for "
-                         f"{model.num_qualities} qualities")
-    low = end == "low"
-    if (low and not lmbda < lmbdas[0]) or (not low and not lmbda > lmbdas[-1]):
-        raise ValueError(f"lambda {lmbda} is not {'below' if low else 'above'} the model's "
-                         f"range {lmbdas[0]}..{lmbdas[-1]}")
-    params = _to_numpy(_plain(model.params))
-
-    def extend(rows: np.ndarray) -> np.ndarray:
-        logs = np.log(rows)
-        new = 2 * logs[0] - logs[1] if low else 2 * logs[-1] - logs[-2]
-        stacked = [new[None], logs] if low else [logs, new[None]]
-        return np.exp(np.concatenate(stacked)).astype(np.float32)
-
-    params["gain"] = extend(params["gain"])
-    params["inv_gain"] = extend(params["inv_gain"])
-    kernel = params["refiner"]["unet"]["conv_in"]["kernel"]  # [..., in, out], one-hot last
-    q = model.num_qualities
-    head, onehot = kernel[..., :-q, :], kernel[..., -q:, :]
-    new = onehot[..., :1, :] if low else onehot[..., -1:, :]
-    params["refiner"]["unet"]["conv_in"]["kernel"] = np.concatenate(
-        [head, new, onehot] if low else [head, onehot, new], axis=-2)
-    config = {**model.config, "num_qualities": q + 1}
-    info = {**model.info, "lmbdas": [lmbda] + lmbdas if low else lmbdas + [lmbda]}
-    return LoadedModel(config, _device(params), info, model.source)

@@ -13,8 +13,8 @@ steps the sender asks for (0 = base only). Grayscale inputs are coded as RGB (ch
 in the header, the decoder returns one channel); RGBA inputs code the colour as above and
 the **alpha plane losslessly** (zlib, a last section; channels = 4).
 
-**Decode**: the hyperprior sections are decoded by the hyperprior codec itself (``x̂_base``,
-with all its checks) and once more up to ``ŷ`` for the refiner's condition;
+**Decode**: the hyperprior sections are decoded once by the hyperprior codec itself, with
+all its checks, into ``x̂_base`` and the refiner's condition ``ŷ``;
 with ``steps > 0`` the refiner runs a deterministic DDIM (eta = 0, x0-prediction) from
 ``r_T ~ N(0, I)`` drawn with ``fold_in(PRNGKey(0), payload CRC32)``: the noise is derived from the file
 itself, so a file always decodes to the same image on a given platform, with no seed to
@@ -37,8 +37,9 @@ import numpy as np
 
 from diffjax.codecs.base import Codec, crop, fingerprint_pytree, pad_to_multiple, register
 from diffjax.codecs.hyperprior import HyperpriorCodec
-from diffjax.entropy import bitstream, coder
+from diffjax.entropy import bitstream
 from diffjax.entropy.bitstream import CorruptError
+from diffjax.entropy.latent_coder import IdentityCache
 from diffjax.errors import InputError
 
 DEFAULT_STEPS = 4
@@ -86,12 +87,13 @@ class ResidualCodec(Codec):
         if not isinstance(quality, (int, np.integer)) or not 1 <= quality <= q:
             raise InputError(f"quality must be an integer from 1 to {q}, got {quality!r}")
         self.quality = int(quality)
+        self.qualities = tuple(range(1, q + 1))
         self.steps = check_steps(steps)
         self.base = HyperpriorCodec(N=self.model.N, M=self.model.M, mean_scale=True,
                                     scale_table=self.model.scale_table)
         self._config = ("residual/" + "/".join(f"{k}={v}" for k, v in
                                                sorted(self.model.config().items()))).encode()
-        self._cache: tuple = ((), None)
+        self._cache = IdentityCache()
         m = self.model
         s = float(m.residual_scale)
 
@@ -125,25 +127,20 @@ class ResidualCodec(Codec):
         return nn.meta.unbox(init(rng)["params"])
 
     def _prepared(self, params: Any) -> tuple:
-        """``(fingerprint, {quality index: folded hyperprior params})``, cached by identity."""
-        from diffjax.models.refiner import fold_quality
-
+        """``(params, fingerprint, {quality index: folded hyperprior params})``, cached."""
         if isinstance(params, dict) and set(params) == {"params"}:
             params = params["params"]
-        leaves = jax.tree_util.tree_leaves(params)
-        cached_leaves, prepared = self._cache
-        if (prepared is not None and len(leaves) == len(cached_leaves)
-                and all(a is b for a, b in zip(leaves, cached_leaves))):
-            return prepared
+        return self._cache.get(params, self._prepare)
+
+    def _prepare(self, params: Any) -> tuple:
+        from diffjax.models.refiner import fold_quality
+
         try:
             folded = {q: fold_quality(params, q) for q in range(self.model.num_qualities)}
         except (KeyError, TypeError, IndexError) as err:
             raise InputError("params are not ResidualCodecModel parameters") from err
         params = jax.tree_util.tree_map(jnp.asarray, params)
-        prepared = (params, fingerprint_pytree(params, self._config), folded)
-        if all(isinstance(a, jax.Array) for a in leaves):
-            self._cache = (tuple(leaves), prepared)
-        return prepared
+        return params, fingerprint_pytree(params, self._config), folded
 
     def fingerprint(self, params: Any) -> bytes:
         return self._prepared(params)[1]
@@ -180,10 +177,9 @@ class ResidualCodec(Codec):
         hp_params = folded[q]
         inner = bitstream.pack(self.base.codec_id, self.base.fingerprint(hp_params),
                                sections[:n_hp], height=header.height, width=header.width)
-        x = self.base.decode(hp_params, inner)
+        ((x, y_hat),) = self.base.decode_with_latents(hp_params, [inner])
         if steps:
-            y_cond = self._decoded_latent(hp_params, header, sections) * np.asarray(
-                p["inv_gain"])[q]
+            y_cond = y_hat * np.asarray(p["inv_gain"])[q]
             x_pad = pad_to_multiple(x, self.model.multiple)[None]
             x = np.asarray(self._refine(p, x_pad, y_cond, q, np.uint32(header.payload_crc), steps))[0]
         x = crop(x, header.height, header.width)
@@ -200,19 +196,6 @@ class ResidualCodec(Codec):
                 raise CorruptError("alpha plane has the wrong size")
             x = np.concatenate([x, alpha.reshape(header.height, header.width, 1)], axis=-1)
         return x
-
-    def _decoded_latent(self, hp_params, header, sections) -> np.ndarray:
-        """``ŷ = symbols + μ`` ``[1, Hp/16, Wp/16, M]`` (gained domain): the hyperprior
-        decoder's first half (z stream -> ``h_s`` -> y stream), run after
-        :meth:`HyperpriorCodec.decode` has validated the same sections."""
-        hp = self.base
-        prep = hp._prepared(hp_params)
-        z_shape, _ = hp._geometry(header.height, header.width)
-        z_sym = coder.decode(sections[0], hp._z_indexes(z_shape), prep.z_table)
-        idx, means = hp._hyper(hp_params, z_sym[None], prep.medians)
-        y_sym = coder.decode(sections[1], np.asarray(idx)[0], hp.y_table)
-        return y_sym[None].astype(np.float32) + np.asarray(means)
-
 
 def check_steps(steps: Any) -> int:
     """Validate a number of refinement steps (0 = base only)."""

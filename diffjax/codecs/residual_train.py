@@ -43,6 +43,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffjax.diffusion.parameterization import add_noise, expand_to
 from diffjax.diffusion.samplers import get_sampler, make_plan
@@ -104,6 +105,16 @@ class ResidualTask(RateDistortionTask):
             from diffjax.metrics.perceptual import load_lpips_params
 
             self.lpips_params = load_lpips_params(lpips_net)
+
+    codec_name = "residual"
+
+    def codec_kwargs(self) -> dict:
+        from diffjax.codecs.residual import DEFAULT_STEPS
+
+        return {**self.model.config(), "steps": DEFAULT_STEPS}
+
+    def provenance(self) -> dict:
+        return {"lmbdas": list(self.lmbdas), "rho": self.rho}
 
     def init_params(self, rng, batch_spec: Mapping[str, Any]):
         x = jnp.zeros((1,) + tuple(batch_spec["image"].shape[1:]), jnp.float32)
@@ -180,3 +191,48 @@ class ResidualTask(RateDistortionTask):
             r_next, _, _ = sampler.step(plan, tab, i, r, out, (), None, True, 0.0)
             r = jnp.where(expand_to(i < k, r), r_next, r)
         return jax.lax.stop_gradient(r), tab["timesteps"][k]
+
+
+def add_rate_point(model, lmbda: float, end: str = "low"):
+    """A copy of ``model`` with one more rate point below (``end="low"``) or above the others.
+
+    The new gain rows continue the two nearest rows geometrically (log-linear
+    extrapolation, as Cui et al. 2021 interpolate gains between trained rates), and the
+    refiner's quality one-hot input channel copies the nearest quality's weights, so the
+    new point starts as a sensible codec and fine-tuning with ``lmbda`` (CompressAI's
+    ``λᶜ`` of the new point) only has to refine it. Existing points keep their parameters;
+    with ``end="low"`` their quality indices move up by one.
+    """
+    from diffjax.codecs.pretrained import LoadedModel, _device, _to_numpy
+
+    if end not in ("low", "high"):
+        raise ValueError(f"end must be 'low' or 'high', not {end!r}")
+    if model.num_qualities < 2:
+        raise ValueError("extrapolating a gain needs a model with at least two rate points")
+    lmbdas = [float(v) for v in model.info.get("lmbdas", ())]
+    if len(lmbdas) != model.num_qualities:
+        raise ValueError(f"model.json lists {len(lmbdas)} lambdas for "
+                         f"{model.num_qualities} qualities")
+    low = end == "low"
+    if (low and not lmbda < lmbdas[0]) or (not low and not lmbda > lmbdas[-1]):
+        raise ValueError(f"lambda {lmbda} is not {'below' if low else 'above'} the model's "
+                         f"range {lmbdas[0]}..{lmbdas[-1]}")
+    params = _to_numpy(model.params)
+
+    def extend(rows: np.ndarray) -> np.ndarray:
+        logs = np.log(rows)
+        new = 2 * logs[0] - logs[1] if low else 2 * logs[-1] - logs[-2]
+        stacked = [new[None], logs] if low else [logs, new[None]]
+        return np.exp(np.concatenate(stacked)).astype(np.float32)
+
+    params["gain"] = extend(params["gain"])
+    params["inv_gain"] = extend(params["inv_gain"])
+    kernel = params["refiner"]["unet"]["conv_in"]["kernel"]  # [..., in, out], one-hot last
+    q = model.num_qualities
+    head, onehot = kernel[..., :-q, :], kernel[..., -q:, :]
+    new = onehot[..., :1, :] if low else onehot[..., -1:, :]
+    params["refiner"]["unet"]["conv_in"]["kernel"] = np.concatenate(
+        [head, new, onehot] if low else [head, onehot, new], axis=-2)
+    config = {**model.config, "num_qualities": q + 1}
+    info = {**model.info, "lmbdas": [lmbda] + lmbdas if low else lmbdas + [lmbda]}
+    return LoadedModel("residual", config, _device(params), info, model.source)

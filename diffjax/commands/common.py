@@ -1,18 +1,16 @@
-"""Shared pieces of ``diffjax compress`` / ``decompress`` / ``demo``: image I/O, model
-arguments, a stage progress bar.
+"""Shared pieces of ``diffjax compress`` / ``decompress`` / ``demo``: reading inputs,
+loading the model a command needs, atomic output, a stage progress bar.
 
-Images: PNG/JPEG (anything Pillow reads) of any size. Modes: RGB; grayscale (``L``, ``1``)
-is coded as gray and decoded to a grayscale PNG; images with transparency (``RGBA``,
-``LA``, palette with transparency) keep their **alpha plane losslessly** (zlib inside the
-bitstream) and decode to RGBA; ``CMYK``/``YCbCr`` JPEGs are converted to RGB. 16-bit and
-float images (``I``, ``I;16``, ``F``) are refused with a one-line error. EXIF orientation
-is applied before coding.
+Images are read by :mod:`diffjax.io.images` (``mode="native"``: gray stays gray, alpha is
+kept; 16-bit images keep their high byte), video by :mod:`diffjax.io.video`.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import os
+import pathlib
 import sys
 import time
 
@@ -20,54 +18,72 @@ from diffjax.errors import InputError
 
 
 def read_image(path: str):
-    """``uint8 [H, W, 1|3|4]`` array of an image file (see the module docstring)."""
-    import numpy as np
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """``uint8 [H, W, 1|3|4]`` of an image file (:func:`diffjax.io.images.read_image`)."""
+    from diffjax.io.images import read_image as read
 
-    if not os.path.isfile(path):
-        raise InputError(f"cannot read {path!r}: no such file")
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            mode = im.mode
-            if mode in ("I", "F") or mode.startswith("I;"):
-                raise InputError(f"{path!r}: {mode} images (16-bit or float) are not supported; "
-                                 "convert to 8-bit RGB or grayscale first")
-            if mode == "P":
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-            elif mode == "LA" or mode == "PA":
-                im = im.convert("RGBA")
-            elif mode == "1":
-                im = im.convert("L")
-            elif mode not in ("L", "RGB", "RGBA"):
-                im = im.convert("RGB")
-            arr = np.asarray(im, np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise InputError(f"cannot read {path!r} as an image: {err}") from err
-    return arr[..., None] if arr.ndim == 2 else arr
+    return read(path, mode="native")
 
 
 def write_image(path: str, image) -> None:
-    from PIL import Image
+    from diffjax.io.images import write_image as write
 
-    mode = {1: "L", 3: "RGB", 4: "RGBA"}[image.shape[-1]]
+    write(path, image)
+
+
+def is_video_input(path: str) -> bool:
+    """A video file (by suffix) or a folder (of frames)."""
+    from diffjax.io.video import is_video_path
+
+    return os.path.isdir(path) or is_video_path(path)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` atomically (temp file + rename); no temporary file is left behind."""
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        Image.fromarray(image[..., 0] if mode == "L" else image, mode).save(path)
-    except (OSError, ValueError, KeyError) as err:
-        raise InputError(f"cannot write {path!r}: {err}") from err
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise InputError(f"cannot write {path!r}: {err.strerror or err}") from err
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def output_path(output: str | None, input_path: str, suffix: str,
+                into_folder: bool = True) -> str:
+    """``-o`` as given, else the input path with ``suffix``. With ``into_folder``, an
+    existing folder given as ``-o`` receives ``INPUT-STEM + suffix``."""
+    src = pathlib.Path(input_path)
+    stem = src.name if src.is_dir() else src.stem
+    if output is None:
+        return str(src.parent / (stem + suffix))
+    if into_folder and os.path.isdir(output):
+        return os.path.join(output, stem + suffix)
+    return output
+
+
+def accepts(factory, name: str) -> bool:
+    """Whether a codec class / method takes keyword ``name``."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
 
 
 def quality_help() -> str:
-    from diffjax.codecs.pretrained import shipped_info
+    from diffjax.codecs.pretrained import DEFAULT_CODEC, shipped_info
 
-    info = shipped_info()
-    if info:
-        n = info["model"]["num_qualities"]
-        return (f"rate point, an integer from 1 (smallest file) to {n} (the shipped model's "
-                f"{n} rate points); default: the middle one ({resolve_quality(None, n)} for the "
-                "shipped model)")
+    info = shipped_info(DEFAULT_CODEC)
+    if info and "num_qualities" in info["kwargs"]:
+        n = info["kwargs"]["num_qualities"]
+        return (f"rate point of the codec; for the default codec ({DEFAULT_CODEC}) an integer "
+                f"from 1 (smallest file) to {n} (the shipped model's {n} rate points); "
+                f"default: the middle one ({resolve_quality(None, n)} for the shipped model)")
     return ("rate point, an integer from 1 (smallest file) to the number of rate points of "
-            "the model (no weights ship yet; see --model); default: the middle one")
+            "the model (see --model); default: the middle one")
 
 
 def resolve_quality(quality: int | None, num_qualities: int) -> int:
@@ -78,7 +94,16 @@ def resolve_quality(quality: int | None, num_qualities: int) -> int:
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PATH", default=None,
                         help="a model folder (model.json + params.msgpack) or a training workdir "
-                             "of experiments/train.py, instead of the shipped weights")
+                             "of experiments/train.py, instead of the shipped weights of the "
+                             "codec")
+
+
+def load_model(model_path: str | None, codec: str | None):
+    """The model a command runs: ``--model PATH`` (checked against ``--codec``) or the
+    shipped weights of ``codec`` (default: the default codec)."""
+    from diffjax.codecs import pretrained
+
+    return pretrained.load_model(model_path, codec)
 
 
 def positive_int(text: str) -> int:

@@ -27,11 +27,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quality", type=cc.positive_int, default=None, help=cc.quality_help())
     parser.add_argument("--steps", type=cc.positive_int, default=DEFAULT_STEPS,
                         help="refinement steps of the refined decoder; default %(default)s")
-    parser.add_argument("--limit", type=cc.positive_int, default=8,
-                        help="at most this many images; default %(default)s")
+    parser.add_argument("--limit", type=_at_least_one, default=8,
+                        help="at most this many images (1 or more); default %(default)s")
     parser.add_argument("-o", "--output", default="diffjax_demo.png",
                         help="side-by-side PNG (original | base | refined); default %(default)s")
     cc.add_model_argument(parser)
+
+
+def _at_least_one(text: str) -> int:
+    value = cc.positive_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
 
 
 def _image_paths(folder: str | None, limit: int) -> list[pathlib.Path]:
@@ -63,24 +70,30 @@ def _rgb(x):
     return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
-def _metrics(ref, out) -> dict:
-    import numpy as np
+MS_SSIM_MIN_SIDE = 161  # 5 scales of an 11-tap window: (11 - 1) * 2^4 + 1 pixels
 
+
+def _metrics(ref, out, notes: set) -> dict:
+    """PSNR, MS-SSIM and LPIPS; a metric that cannot be computed is ``None`` and the reason
+    goes to ``notes`` (printed under the table), never a NaN."""
     from diffjax import metrics
+    from diffjax.metrics.weights import WeightsNotFoundError
 
     a, b = _rgb(ref), _rgb(out)
-    res = {"psnr": float(metrics.psnr(a, b))}
-    try:
+    res = {"psnr": float(metrics.psnr(a, b)), "ms_ssim": None, "lpips": None}
+    if min(a.shape[:2]) >= MS_SSIM_MIN_SIDE:
         res["ms_ssim"] = float(metrics.ms_ssim(a, b))
-    except Exception:  # images under 161 px: MS-SSIM undefined
-        res["ms_ssim"] = float("nan")
+    else:
+        notes.add(f"MS-SSIM needs images of at least {MS_SSIM_MIN_SIDE} px per side")
     try:
         res["lpips"] = float(metrics.lpips(a, b))
-    except Exception as err:  # weights package missing
-        if "lpips" not in str(err).lower() and "weights" not in str(err).lower():
-            raise
-        res["lpips"] = float("nan")
-    return {k: (v if np.isfinite(v) else float("nan")) for k, v in res.items()}
+    except WeightsNotFoundError as err:
+        notes.add(f"LPIPS not computed: {err}")
+    return res
+
+
+def _cell(value, width: int, digits: int) -> str:
+    return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
 
 
 def _side_by_side(rows, height: int = 256):
@@ -108,12 +121,17 @@ def run(args) -> int:
     paths = _image_paths(args.images, args.limit)
     from diffjax.codecs.pretrained import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, None if args.model else "residual")
+    if model.codec_name != "residual":
+        from diffjax.errors import InputError
+
+        raise InputError(f"diffjax demo shows the residual codec; {args.model!r} is a "
+                         f"{model.codec_name} model")
     args.quality = cc.resolve_quality(args.quality, model.num_qualities)
-    codec = model.codec(args.quality, args.steps)
+    codec = model.codec(quality=args.quality, steps=args.steps)
     from tqdm.auto import tqdm
 
-    rows, table = [], []
+    rows, table, notes = [], [], set()
     for path in tqdm(paths, desc="demo", unit="image", leave=False,
                      disable=not os.isatty(2)):
         image = cc.read_image(str(path))
@@ -128,7 +146,7 @@ def run(args) -> int:
             t_dec = time.perf_counter() - t0
             outs.append(out)
             table.append((path.name, f"{image.shape[1]}x{image.shape[0]}", bpp, name,
-                          _metrics(image, out), t_enc, t_dec))
+                          _metrics(image, out, notes), t_enc, t_dec))
         rows.append([image] + outs)
     head = (f"{'image':<18} {'size':>9} {'bpp':>7} {'decoder':<20} {'PSNR':>6} {'MS-SSIM':>8} "
             f"{'LPIPS':>6} {'enc s':>6} {'dec s':>6}")
@@ -136,8 +154,10 @@ def run(args) -> int:
     print(head)
     print("-" * len(head))
     for name, size, bpp, dec, m, te, td in table:
-        print(f"{name[:18]:<18} {size:>9} {bpp:>7.4f} {dec:<20} {m['psnr']:>6.2f} "
-              f"{m['ms_ssim']:>8.4f} {m['lpips']:>6.4f} {te:>6.2f} {td:>6.2f}")
+        print(f"{name[:18]:<18} {size:>9} {bpp:>7.4f} {dec:<20} {_cell(m['psnr'], 6, 2)} "
+              f"{_cell(m['ms_ssim'], 8, 4)} {_cell(m['lpips'], 6, 4)} {te:>6.2f} {td:>6.2f}")
+    for note in sorted(notes):
+        print(f"n/a: {note}")
     cc.write_image(args.output, _side_by_side(rows))
     print(f"side-by-side (original | base | refined) saved to {args.output}")
     return 0

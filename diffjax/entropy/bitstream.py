@@ -1,8 +1,8 @@
-"""The diffjax bitstream container (format version 1).
+"""The diffjax bitstream container (format versions 1 and 2).
 
 Every codec writes the same container, so any file can be identified (``diffjax info``)
-and refused cleanly when it does not belong to the decoder at hand. Layout, all integers
-little-endian::
+and refused cleanly when it does not belong to the decoder at hand. Layout of version 1
+(images; every file without a frame rate), all integers little-endian::
 
     offset size  field
     0      4     magic  b"DJXB"
@@ -19,6 +19,18 @@ little-endian::
     42     4*S   section lengths in bytes
     42+4S  4     CRC32 of the header bytes before it
     46+4S  ...   payload: the sections, back to back
+
+Version 2 (video: files that record a frame rate) inserts the frame rate as a fraction
+after the payload CRC and shifts the rest by 8 bytes::
+
+    42     4     frame rate numerator   (> 0)
+    46     4     frame rate denominator (> 0)
+    50     4*S   section lengths in bytes
+    50+4S  4     CRC32 of the header bytes before it
+    54+4S  ...   payload
+
+:func:`pack` writes version 1 unless a frame rate is given, so image files keep their
+exact bytes; :func:`read_header` reads both.
 
 Checks run in this order, each with its own error (all subclasses of
 :class:`diffjax.BitstreamError`, itself a ``ValueError``):
@@ -37,6 +49,7 @@ version byte), while genuinely foreign files get the precise error.
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import struct
 import zlib
 from typing import Optional, Sequence
@@ -44,12 +57,16 @@ from typing import Optional, Sequence
 from diffjax.errors import BitstreamError
 
 MAGIC = b"DJXB"
-VERSION = 1
+VERSION = 1  # images / no frame rate
+VIDEO_VERSION = 2  # with a frame rate
+VERSIONS = (VERSION, VIDEO_VERSION)
 FINGERPRINT_BYTES = 16
 MAX_SECTIONS = 16
 MAX_DIM = 1 << 16  # largest frames/height/width the format accepts
 _FIXED = struct.Struct("<4sBHB16sIIIBBI")  # up to and including the payload CRC
 FIXED_SIZE = _FIXED.size  # 42
+_FPS = struct.Struct("<II")  # version 2: frame rate numerator, denominator
+FIXED_SIZES = {VERSION: FIXED_SIZE, VIDEO_VERSION: FIXED_SIZE + _FPS.size}
 
 
 class TruncatedError(BitstreamError):
@@ -86,19 +103,31 @@ class Header:
     quality: int = 0
     payload_crc: int = 0
     version: int = VERSION
+    fps: Optional[fractions.Fraction] = None  # frame rate (version 2 files only)
 
     @property
     def header_size(self) -> int:
-        return header_size(len(self.section_lengths))
+        return header_size(len(self.section_lengths), self.version)
 
     @property
     def total_size(self) -> int:
         return self.header_size + sum(self.section_lengths)
 
 
-def header_size(num_sections: int) -> int:
-    """Bytes of a version-1 header with ``num_sections`` sections."""
-    return FIXED_SIZE + 4 * num_sections + 4
+def header_size(num_sections: int, version: int = VERSION) -> int:
+    """Bytes of a header of format ``version`` with ``num_sections`` sections."""
+    return FIXED_SIZES[version] + 4 * num_sections + 4
+
+
+def as_fps(fps) -> fractions.Fraction:
+    """A positive frame rate as an exact fraction (``25``, ``29.97``, ``Fraction(30000, 1001)``)."""
+    try:
+        value = fractions.Fraction(fps).limit_denominator(1 << 20)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"frame rate must be a positive number, got {fps!r}") from err
+    if not 0 < value < 1 << 20:
+        raise ValueError(f"frame rate must be a positive number below 2^20, got {fps!r}")
+    return value
 
 
 def _check_geometry(frames, height, width, channels, err=ValueError):
@@ -119,8 +148,9 @@ def pack(
     frames: int = 1,
     channels: int = 3,
     quality: int = 0,
+    fps=None,
 ) -> bytes:
-    """Assemble a complete bitstream from its sections."""
+    """Assemble a complete bitstream from its sections (version 2 when ``fps`` is given)."""
     if len(fingerprint) != FINGERPRINT_BYTES:
         raise ValueError(f"fingerprint must be {FINGERPRINT_BYTES} bytes")
     if not 1 <= len(sections) <= MAX_SECTIONS:
@@ -133,6 +163,10 @@ def pack(
         MAGIC, VERSION, codec_id, quality, bytes(fingerprint), frames, height, width,
         channels, len(sections), zlib.crc32(payload),
     )
+    if fps is not None:
+        rate = as_fps(fps)
+        head = head[:4] + bytes([VIDEO_VERSION]) + head[5:] + _FPS.pack(rate.numerator,
+                                                                      rate.denominator)
     head += struct.pack(f"<{len(sections)}I", *(len(s) for s in sections))
     return head + struct.pack("<I", zlib.crc32(head)) + payload
 
@@ -146,26 +180,34 @@ def read_header(data: bytes) -> Header:
         raise CorruptError("not a diffjax bitstream (bad magic)")
     if len(data) < 5:
         raise TruncatedError(f"bitstream truncated: {len(data)} bytes, header incomplete")
-    if data[4] != VERSION:
+    if data[4] not in VERSIONS:
         raise UnknownVersionError(
-            f"bitstream format version {data[4]}; this diffjax reads version {VERSION}"
+            f"bitstream format version {data[4]}; this diffjax reads versions "
+            f"{', '.join(map(str, VERSIONS))}"
         )
-    if len(data) < FIXED_SIZE:
+    fixed = FIXED_SIZES[data[4]]
+    if len(data) < fixed:
         raise TruncatedError(f"bitstream truncated: {len(data)} bytes, header incomplete")
     (_, version, codec_id, quality, fingerprint, frames, height, width, channels, nsec,
      payload_crc) = _FIXED.unpack_from(data)
     if not 1 <= nsec <= MAX_SECTIONS:
         raise CorruptError(f"bitstream header is corrupt ({nsec} sections)")
-    hsize = header_size(nsec)
+    hsize = header_size(nsec, version)
     if len(data) < hsize:
         raise TruncatedError(f"bitstream truncated: {len(data)} bytes, header needs {hsize}")
     (crc,) = struct.unpack_from("<I", data, hsize - 4)
     if crc != zlib.crc32(data[: hsize - 4]):
         raise CorruptError("bitstream header is corrupt (CRC mismatch)")
-    lengths = struct.unpack_from(f"<{nsec}I", data, FIXED_SIZE)
+    lengths = struct.unpack_from(f"<{nsec}I", data, fixed)
     _check_geometry(frames, height, width, channels, CorruptError)
+    fps = None
+    if version == VIDEO_VERSION:
+        num, den = _FPS.unpack_from(data, FIXED_SIZE)
+        if not (num and den):
+            raise CorruptError("bitstream header is corrupt (zero frame rate)")
+        fps = fractions.Fraction(num, den)
     return Header(codec_id, fingerprint, height, width, tuple(lengths), frames, channels,
-                  quality, payload_crc, version)
+                  quality, payload_crc, version, fps)
 
 
 def unpack(

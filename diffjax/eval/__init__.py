@@ -14,7 +14,6 @@ from diffjax.eval.points import (
     baseline_points,
     checkpoint_point,
     codec_point,
-    load_checkpoint,
 )
 from diffjax.eval.runner import (
     MetricSuite,
@@ -26,6 +25,6 @@ from diffjax.eval.runner import (
 from diffjax.eval.video import evaluate_video_rd, load_clip
 
 __all__ = ["RatePoint", "baseline_points", "checkpoint_point", "codec_point",
-           "load_checkpoint", "MetricSuite", "evaluate_rd", "bd_rate_table",
+           "MetricSuite", "evaluate_rd", "bd_rate_table",
            "format_bd_table", "load_images", "plot_rd", "load_reference",
            "evaluate_video_rd", "load_clip"]

@@ -100,9 +100,11 @@ def latest_step(workdir: str | os.PathLike) -> int:
 def read_workdir_params(workdir: str | os.PathLike, *, step: int | None = None,
                         use_ema: bool | None = None, task: str | None = None
                         ) -> tuple[dict, Any, dict]:
-    """``(config, params, info)`` of a training workdir, as host numpy arrays.
+    """``(config, params, info)`` of a training workdir, as host numpy arrays: the one
+    reader of training runs (exports, evaluation, ``--model WORKDIR``, ``init_from``).
 
-    Reads ``params`` (or ``ema_params``: ``use_ema=None`` picks them when the run kept an
+    ``workdir`` may also be its ``checkpoints/`` folder or one step folder
+    (``checkpoints/<step>``, which selects that step). Reads ``params`` (or ``ema_params``: ``use_ema=None`` picks them when the run kept an
     EMA) of checkpoint ``step`` (default: the latest) without rebuilding the optimizer, so a
     run can be exported, evaluated or used to initialise another run while it trains.
     ``task``: the expected ``config.task.name`` (a clear error for another kind of run).
@@ -114,6 +116,13 @@ def read_workdir_params(workdir: str | os.PathLike, *, step: int | None = None,
     import numpy as np
 
     workdir = pathlib.Path(workdir)
+    if (workdir / "state").is_dir() and workdir.name.isdigit():  # a step folder
+        step = int(workdir.name) if step is None else step
+        workdir = workdir.parent.parent
+    elif workdir.name == "checkpoints" and not (workdir / "checkpoints").is_dir():
+        workdir = workdir.parent
+    if not workdir.exists():
+        raise CheckpointError(f"{str(workdir)!r}: no such training workdir")
     try:
         cfg = json.loads((workdir / "config.json").read_text())
     except (OSError, ValueError) as err:

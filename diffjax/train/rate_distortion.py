@@ -37,6 +37,15 @@ class RateDistortionTask(Task):
         self.lmbda = float(lmbda)
         self.aux_weight = float(aux_weight)
 
+    codec_name = "hyperprior"
+
+    def codec_kwargs(self) -> dict:
+        m = self.model
+        return {"N": m.N, "M": m.M, "mean_scale": m.mean_scale}
+
+    def provenance(self) -> dict:
+        return {"lmbda": self.lmbda}
+
     def init_params(self, rng, batch_spec: Mapping[str, Any]):
         x = jnp.zeros((1,) + tuple(batch_spec["image"].shape[1:]), jnp.float32)
         rng, noise = jax.random.split(rng)

@@ -28,13 +28,20 @@ A task is a small object built from ``config.task`` that owns the model and the 
   Tasks whose loss couples examples (batch statistics, contrastive terms) set it to
   ``False`` and receive the whole (per-device, under pmap) batch and one key.
 
+**The codec a task trains** (one convention for every task, read by
+:func:`diffjax.codecs.load`, ``experiments/export.py``, ``diffjax eval`` and the CLI's
+``--model WORKDIR``): ``codec_name`` is the registered codec name (``None`` for tasks
+that train no codec, e.g. a backbone or adapters), :meth:`Task.codec_kwargs` its
+constructor arguments, :meth:`Task.codec_params` the codec's parameters from the trained
+ones, :meth:`Task.provenance` what the exported ``model.json`` records about training.
+
 Tasks are registered by name in :data:`TASKS` (``name -> "module:attribute"``, imported
 lazily), like the CLI's command registry; later codecs add one line each.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +54,7 @@ TASKS: dict[str, str] = {
     "residual": "diffjax.codecs.residual_train:ResidualTask",
     "foundation": "diffjax.codecs.foundation:FoundationTask",
     "latent_denoiser": "diffjax.codecs.latent_denoiser:LatentDenoiserTask",
+    "lora_finetune": "diffjax.train.lora_finetune:LoraFinetuneTask",
 }
 
 
@@ -54,6 +62,19 @@ class Task:
     """Base class of training tasks (see the module docstring)."""
 
     per_example_rng: bool = True
+    codec_name: ClassVar[str | None] = None
+
+    def codec_kwargs(self) -> dict:
+        """Constructor arguments of :attr:`codec_name` for the model this task trains."""
+        raise NotImplementedError(f"{type(self).__name__} trains no codec")
+
+    def codec_params(self, params: Any) -> Any:
+        """The codec's parameters from the trained ones (default: all of them)."""
+        return params
+
+    def provenance(self) -> dict:
+        """JSON-able facts about training for the exported ``model.json``."""
+        return {}
 
     def init_params(self, rng: jax.Array, batch_spec: Mapping[str, Any]) -> Any:
         raise NotImplementedError

@@ -50,17 +50,10 @@ TINY_UNET = dict(
 
 def codec_kwargs(c) -> dict:
     """``FoundationCodec`` keyword arguments matching a config (configs read from
-    ``pretrained`` when set; see :class:`diffjax.codecs.foundation.FoundationTask`)."""
+    ``pretrained`` when set): :meth:`diffjax.codecs.foundation.FoundationTask.codec_kwargs`."""
     from diffjax.codecs.foundation import FoundationTask
 
-    kw = c.task.kwargs.to_dict()
-    task = FoundationTask(**kw)
-    bb = task.codec.backbone
-    return dict(vae=bb.kind, vae_config=task.vae_config, unet_config=task.unet_config,
-                scheduler_config=kw["scheduler_config"],
-                estimator_features=kw["estimator_features"],
-                hyper_channels=kw["hyper_channels"],
-                num_inference_steps=kw["num_inference_steps"])
+    return FoundationTask(**c.task.kwargs.to_dict()).codec_kwargs()
 
 
 def get_config(arg: str = ""):

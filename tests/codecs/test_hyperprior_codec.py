@@ -102,7 +102,7 @@ def test_round_trip_symbols_and_image_exact(setup, size):
     prep = codec._prepared(params)
     z_sym = lat["z_symbols"][0]
     np.testing.assert_array_equal(
-        coder.decode(z_data, codec._z_indexes(z_sym.shape), prep.z_table), z_sym)
+        prep.coder.decode_z(z_data, z_sym.shape), z_sym)
     np.testing.assert_array_equal(
         coder.decode(y_data, lat["indexes"][0], codec.y_table), lat["y_symbols"][0])
     # Decoded image == the synthesis transform on the quantised latents, exactly.

@@ -11,15 +11,19 @@ import pytest
 
 from diffjax.entropy import bitstream as B
 
-def fields(num_sections: int) -> dict:
-    """Field -> (offset, size) in a version-1 header with ``num_sections`` sections."""
-    end = B.FIXED_SIZE + 4 * num_sections
-    return {
+def fields(num_sections: int, version: int = B.VERSION) -> dict:
+    """Field -> (offset, size) in a header of ``version`` with ``num_sections`` sections."""
+    fixed = B.FIXED_SIZES[version]
+    end = fixed + 4 * num_sections
+    out = {
         "magic": (0, 4), "version": (4, 1), "codec_id": (5, 2), "quality": (7, 1),
         "fingerprint": (8, 16), "frames": (24, 4), "height": (28, 4), "width": (32, 4),
         "channels": (36, 1), "num_sections": (37, 1), "payload_crc": (38, 4),
-        "lengths": (B.FIXED_SIZE, 4 * num_sections), "header_crc": (end, 4),
+        "lengths": (fixed, 4 * num_sections), "header_crc": (end, 4),
     }
+    if version == B.VIDEO_VERSION:
+        out.update(fps_num=(42, 4), fps_den=(46, 4))
+    return out
 
 
 def expected_error(original: bytes, bad: bytes):
@@ -29,13 +33,13 @@ def expected_error(original: bytes, bad: bytes):
         return B.CorruptError
     if n < 5:
         return B.TruncatedError
-    if bad[4] != B.VERSION:
+    if bad[4] not in B.VERSIONS:
         return B.UnknownVersionError
-    if n < B.FIXED_SIZE:
+    if n < B.FIXED_SIZES[bad[4]]:
         return B.TruncatedError
     if not 1 <= bad[37] <= B.MAX_SECTIONS:
         return B.CorruptError
-    hsize = B.header_size(bad[37])
+    hsize = B.header_size(bad[37], bad[4])
     if n < hsize:
         return B.TruncatedError
     if bad[:hsize] != original[:hsize]:
@@ -48,8 +52,8 @@ def expected_error(original: bytes, bad: bytes):
 def fuzz_cases(data: bytes, n: int, seed: int):
     """Truncations, bit flips, random bytes and header field edits (seeded)."""
     rng = np.random.default_rng(seed)
-    field_list = list(fields(data[37]).values())
-    hsize = B.header_size(data[37])
+    field_list = list(fields(data[37], data[4]).values())
+    hsize = B.header_size(data[37], data[4])
     cases = [data[:k] for k in range(len(data))]  # every truncation
     for _ in range(n):
         kind = rng.integers(0, 4)

@@ -38,6 +38,36 @@ def test_layout_and_round_trip():
         assert issubclass(err, diffjax.BitstreamError) and issubclass(err, ValueError)
 
 
+def test_video_files_record_frame_count_and_rate():
+    from fractions import Fraction
+
+    data = _file(frames=7, fps=Fraction(30000, 1001))
+    header, sections = B.unpack(data, codec_id=1, fingerprint=FP)
+    assert sections == SECTIONS and data[4] == B.VIDEO_VERSION == header.version
+    assert (header.frames, header.fps) == (7, Fraction(30000, 1001))
+    assert header.header_size == B.FIXED_SIZE + 8 + 4 * 3 + 4 == len(data) - 309
+    assert B.unpack(_file(fps=25))[0].fps == 25
+    assert B.unpack(_file(fps=29.97))[0].fps == Fraction(2997, 100)
+    # Without a frame rate the layout (and so every image file) is version 1, unchanged.
+    assert _file(frames=7)[4] == B.VERSION and B.unpack(_file(frames=7))[0].fps is None
+    for bad in (0, -1, "x", float("nan")):
+        with pytest.raises(ValueError):
+            _file(fps=bad)
+    # A header whose CRC vouches for a zero frame rate is corrupt, not a division by zero.
+    raw = bytearray(data)
+    raw[42:50] = bytes(8)
+    hsize = B.header_size(3, B.VIDEO_VERSION)
+    raw[hsize - 4:hsize] = struct.pack("<I", zlib.crc32(bytes(raw[:hsize - 4])))
+    with pytest.raises(B.CorruptError, match="frame rate"):
+        B.unpack(bytes(raw))
+
+
+def test_fuzz_video_container():
+    data = _file(frames=12, fps=24)
+    run_fuzz(lambda d: B.unpack(d, codec_id=1, fingerprint=FP), data,
+             fuzz_cases(data, 1500, seed=3), 0.05)
+
+
 def test_pack_rejects_bad_fields():
     with pytest.raises(ValueError):
         B.pack(1, FP, SECTIONS, height=0, width=5)
@@ -62,8 +92,8 @@ def test_foreign_files():
     with pytest.raises(B.CorruptError):
         B.unpack("not bytes")
     future = bytearray(data)
-    future[4] = 2
-    with pytest.raises(B.UnknownVersionError, match="version 2"):
+    future[4] = 3
+    with pytest.raises(B.UnknownVersionError, match="version 3"):
         B.unpack(bytes(future))
 
 

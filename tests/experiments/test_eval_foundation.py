@@ -62,11 +62,11 @@ def test_side_info_matches_the_encoder(workdir):
 
 
 def test_refuses_a_workdir_of_another_task(tmp_path):
-    from diffjax.errors import CheckpointError
+    from diffjax.errors import InputError
 
     wd = tmp_path / "hp"
     config = hyperprior.get_config("smoke")
     config.num_train_steps = 1
     train(config, str(wd), progress=False)
-    with pytest.raises(CheckpointError, match="not 'foundation'"):
+    with pytest.raises(InputError, match="hyperprior model, not a foundation model"):
         eval_foundation.load_model(str(wd))
