@@ -38,7 +38,7 @@ from diffjax.eval.points import RatePoint
 from diffjax.eval.runner import _mean, bd_rate_table, environment, jitted_metrics
 from diffjax.io.video import VIDEO_SUFFIXES, load_clip  # noqa: F401 (re-exported)
 from diffjax.metrics import load_lpips_params, video_metrics
-from diffjax.metrics.video import FARNEBACK, OCCLUSION
+from diffjax.metrics.video import FARNEBACK, OCCLUSION, reference_flows, warping_error
 
 METRICS = ("psnr", "ms_ssim", "lpips", "tlp", "warping_error")
 _MS_SSIM_MIN_SIDE = 160
@@ -178,6 +178,8 @@ def evaluate_video_rd(clips: Sequence[tuple[str, np.ndarray]],
         folder.mkdir(parents=True, exist_ok=True)
         for c, (name, _) in enumerate(clips):
             paths[j, c] = folder / f"{c:03d}_{_slug(pathlib.Path(name).stem)}.bin"
+    # the reference's flows and occlusion masks, once per clip for every rate point
+    flows = [reference_flows(frames) for _, frames in clips]
     records: dict = {}
     bar = tqdm(total=len(jobs) * len(clips), desc="video RD", unit="clip", disable=not progress)
 
@@ -190,7 +192,8 @@ def evaluate_video_rd(clips: Sequence[tuple[str, np.ndarray]],
                "bpp": 8.0 * out["bytes"] / (t * h * w), "enc_s": out["enc_s"],
                "dec_s": out["dec_s"], "ms_ssim": None}
         rec.update(video_metrics(frames, out["decoded"], metrics=use, lpips_params=lp_params,
-                                 lpips_fn=fns["lpips"], ms_ssim_fn=fns["ms_ssim"]))
+                                 lpips_fn=fns["lpips"], ms_ssim_fn=fns["ms_ssim"],
+                                 warp_flows=flows[c]))
         records[j, c] = rec
         bar.set_postfix_str(f"{jobs[j].curve} {jobs[j].label}", refresh=False)
         bar.update(1)
@@ -230,7 +233,10 @@ def evaluate_video_rd(clips: Sequence[tuple[str, np.ndarray]],
     result = {"format": "diffjax-video-rd/1",
               "dataset": {"name": dataset, "clips": [
                   {"name": n, "frames": int(f.shape[0]), "height": int(f.shape[1]),
-                   "width": int(f.shape[2])} for n, f in clips]},
+                   "width": int(f.shape[2]),
+                   # E_warp of the source itself: what a perfect codec would score
+                   "warping_error": warping_error(f, f, flows=flows[c])}
+                  for c, (n, f) in enumerate(clips)]},
               "settings": {"lpips_net": lpips_net, "metrics": list(METRICS),
                            "rate": "8 * stream file bytes / (frames * height * width)",
                            "warping_error": {"flow": "OpenCV calcOpticalFlowFarneback on the "

@@ -114,9 +114,33 @@ def occlusion_mask(flow_bw: np.ndarray, flow_fw: np.ndarray) -> np.ndarray:
     return inconsistent | boundary | ~inside
 
 
+def reference_flows(x: Any, farneback: dict | None = None, mask: bool = True,
+                    flow_fn: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """What :func:`warping_error` needs of the reference, computed once per clip:
+    ``(flow_bw [N, T - 1, H, W, 2], valid [N, T - 1, H, W])`` with ``flow_bw[:, k]`` the
+    flow from frame k + 1 to frame k and ``valid`` the non-occluded pixels (all True when
+    ``mask`` is False). ~3x the clip's uint8 size in memory."""
+    cx = _unit_clips(x, "x")
+    if cx.shape[1] < 2:
+        raise InputError("the warping error needs clips of at least 2 frames")
+    if flow_fn is None:
+        def flow_fn(a, b):
+            return optical_flow(a, b, farneback)
+    n, t, h, w = cx.shape[:4]
+    flows = np.zeros((n, t - 1, h, w, 2), np.float32)
+    valid = np.ones((n, t - 1, h, w), bool)
+    for i in range(n):
+        for k in range(1, t):
+            flows[i, k - 1] = flow_fn(cx[i, k], cx[i, k - 1])
+            if mask:
+                flow_fw = np.asarray(flow_fn(cx[i, k - 1], cx[i, k]), np.float32)
+                valid[i, k - 1] = ~occlusion_mask(flows[i, k - 1], flow_fw)
+    return flows, valid
+
+
 def warping_error(x: Any, y: Any, farneback: dict | None = None, mask: bool = True,
-                  reduction: str = "mean", flow_fn: Callable | None = None
-                  ) -> float | np.ndarray:
+                  reduction: str = "mean", flow_fn: Callable | None = None,
+                  flows: tuple[np.ndarray, np.ndarray] | None = None) -> float | np.ndarray:
     """Flow-warping error E_warp (Lai et al., ECCV 2018, eq. 8) of decoded ``y`` against
     reference ``x``: lower = temporally more consistent.
 
@@ -130,8 +154,10 @@ def warping_error(x: Any, y: Any, farneback: dict | None = None, mask: bool = Tr
     with RGB in [0, 1], the squared error summed over the 3 channels, and M_t = 1 - the
     :func:`occlusion_mask` (``mask=False``: every pixel). As in Lai et al.'s evaluation
     code, E_warp is the mean of E_t over the T - 1 frame pairs (and over clips). Using the
-    reference's flow means the decoded video is judged against the true motion: a copy of
-    the reference scores (close to) 0 whatever it shows, flicker scores high.
+    reference's flow means the decoded video is judged against the true motion: flicker
+    scores high. A copy of the reference does not score 0 on real content (flow errors,
+    lighting changes, occlusions the mask misses), so read a codec's E_warp beside the
+    reference's own ``warping_error(x, x)``.
 
     Args:
       x, y: clips ``[T, H, W, 3]`` or ``[N, T, H, W, 3]``, uint8 or float [0, 1], T >= 2.
@@ -140,7 +166,10 @@ def warping_error(x: Any, y: Any, farneback: dict | None = None, mask: bool = Tr
       flow_fn: ``fn(a, b) -> [H, W, 2]`` flow with ``a(p) ~ b(p + flow(p))`` on float
         [0, 1] frames, replacing Farneback (e.g. a learned flow such as RAFT, or exact flows
         in tests).
+      flows: :func:`reference_flows` of ``x``, precomputed (then ``farneback``, ``mask`` and
+        ``flow_fn`` are those it was computed with), to score many decodes of one clip.
       reduction: ``"mean"`` (a float) or ``"none"`` (``[N, T - 1]`` per-pair values).
+
     Note: Lai et al. used FlowNet2, whose flow is sharp at object edges. Farneback's flow is
     smooth, so with the same thresholds the motion-boundary test flags a band several
     pixels wide around moving objects and the flow inside that band is less exact: compare
@@ -152,27 +181,21 @@ def warping_error(x: Any, y: Any, farneback: dict | None = None, mask: bool = Tr
     cx, cy = _unit_clips(x, "x"), _unit_clips(y, "y")
     if cx.shape != cy.shape:
         raise InputError(f"x and y must have the same shape, got {cx.shape} and {cy.shape}")
-    if cx.shape[1] < 2:
-        raise InputError("the warping error needs clips of at least 2 frames")
     if reduction not in ("mean", "none"):
         raise InputError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    if flow_fn is None:
-        def flow_fn(a, b):
-            return optical_flow(a, b, farneback)
+    flow_bw, valid = flows if flows is not None else reference_flows(cx, farneback, mask,
+                                                                      flow_fn)
     n, t = cx.shape[:2]
+    if flow_bw.shape != (n, t - 1, *cx.shape[2:4], 2) or valid.shape != flow_bw.shape[:-1]:
+        raise InputError(f"flows {flow_bw.shape} / {valid.shape} do not fit clips {cx.shape}")
     errors = np.full((n, t - 1), np.nan)
     for i in range(n):
         for k in range(1, t):
-            flow_bw = np.asarray(flow_fn(cx[i, k], cx[i, k - 1]), np.float32)
-            valid = np.ones(flow_bw.shape[:2], bool)
-            if mask:
-                flow_fw = np.asarray(flow_fn(cx[i, k - 1], cx[i, k]), np.float32)
-                valid = ~occlusion_mask(flow_bw, flow_fw)
-            warped, _ = backward_warp(cy[i, k - 1], flow_bw)
-            count = int(valid.sum())
+            warped, _ = backward_warp(cy[i, k - 1], flow_bw[i, k - 1])
+            count = int(valid[i, k - 1].sum())
             if count:
                 sq = np.sum(np.square(cy[i, k].astype(np.float64) - warped), axis=-1)
-                errors[i, k - 1] = float(sq[valid].sum() / count)
+                errors[i, k - 1] = float(sq[valid[i, k - 1]].sum() / count)
     if reduction == "none":
         return errors
     return float(np.nanmean(errors)) if np.isfinite(errors).any() else float("nan")
@@ -180,7 +203,8 @@ def warping_error(x: Any, y: Any, farneback: dict | None = None, mask: bool = Tr
 
 def video_metrics(x: Any, y: Any, metrics: Sequence[str] = VIDEO_METRICS, net: str = "alex",
                   lpips_params: Any = None, lpips_fn: Callable | None = None,
-                  ms_ssim_fn: Callable | None = None, batch_size: int = 8) -> dict[str, float]:
+                  ms_ssim_fn: Callable | None = None, batch_size: int = 8,
+                  warp_flows: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
     """Frame-averaged PSNR / MS-SSIM / LPIPS, tLP and the warping error between source
     ``x`` and decoded ``y``.
 
@@ -191,6 +215,8 @@ def video_metrics(x: Any, y: Any, metrics: Sequence[str] = VIDEO_METRICS, net: s
         used for LPIPS and tLP; eager :func:`lpips_distance` when ``None``.
       ms_ssim_fn: optional ``fn(a, b) -> [B]`` (e.g. a jitted ``ms_ssim(...,
         reduction="none")``); eager when ``None``.
+      warp_flows: :func:`reference_flows` of ``x`` for the warping error (computed here
+        when ``None``).
     Returns:
       ``{name: value}`` as Python floats.
     """
@@ -231,5 +257,5 @@ def video_metrics(x: Any, y: Any, metrics: Sequence[str] = VIDEO_METRICS, net: s
             ly = _batched(dist, cur_y, prev_y, batch_size)
             out["tlp"] = float(np.mean(np.abs(lx - ly)))
     if "warping_error" in metrics:
-        out["warping_error"] = warping_error(cx, cy)
+        out["warping_error"] = warping_error(cx, cy, flows=warp_flows)
     return out

@@ -103,6 +103,13 @@ def test_video_codec_beside_x264(tmp_path):
     assert result["bd_rate"]["anchor"] == "H.264 (x264)"
     assert "diffjax zlibvideo-test" in result["bd_rate"]["psnr"]
     assert result["settings"]["warping_error"]["farneback"]["winsize"] == 15
+    # the warping error uses the reference's flow: the same value as computed directly
+    from diffjax.metrics.video import warping_error
+
+    assert f2["warping_error"] == pytest.approx(warping_error(clip, dec.astype(np.uint8)),
+                                                rel=1e-6)
+    assert result["dataset"]["clips"][0]["warping_error"] == pytest.approx(
+        warping_error(clip, clip), rel=1e-6)
 
 
 def test_cli_eval_video_with_codec(tmp_path, monkeypatch, capsys):
@@ -121,8 +128,10 @@ def test_cli_eval_video_with_codec(tmp_path, monkeypatch, capsys):
                               "--sweep", "x264=40,30", "--out", str(out), "--no-progress"])
     assert eval_cmd.run(args) == 0
     result = json.loads((out / "rd.json").read_text())
-    assert result["dataset"]["clips"] == [{"name": "pan.mkv", "frames": 4, "height": 32,
-                                           "width": 32}]
+    (info,) = result["dataset"]["clips"]
+    assert {k: info[k] for k in ("name", "frames", "height", "width")} == {
+        "name": "pan.mkv", "frames": 4, "height": 32, "width": 32}
+    assert 0 <= info["warping_error"] < 1e-3  # the source's own E_warp (panning: ~0)
     toy = result["curves"][f"diffjax {ZlibVideo.name} (random init)"]
     assert toy[0]["setting"]["media"] == "video" and toy[0]["warping_error"] >= 0
     assert all(p["tlp"] is not None for p in result["curves"]["H.264 (x264)"])

@@ -89,6 +89,13 @@ def test_warping_error_static_shift_and_flicker():
         err = warping_error(ref, flicker.astype(np.uint8))
         assert err == pytest.approx(3 * (d / 255) ** 2, rel=0.05)
         assert err > 50 * copy_err
+    # precomputed reference flows give the same values
+    from diffjax.metrics.video import reference_flows
+
+    flows = reference_flows(pan)
+    assert warping_error(pan, flicker.astype(np.uint8), flows=flows) == err
+    with pytest.raises(InputError, match="do not fit"):
+        warping_error(pan[:3], pan[:3], flows=flows)
     # the metric is in video_metrics, beside the existing names
     out = video_metrics(pan, pan, metrics=("psnr", "warping_error"))
     assert set(out) == {"psnr", "warping_error"} and out["warping_error"] == copy_err
