@@ -163,7 +163,7 @@ def _parse_y4m_header(line: bytes, path: pathlib.Path) -> dict:
 def _iter_y4m(path: pathlib.Path) -> tuple[fractions.Fraction | None, Iterator[np.ndarray]]:
     fh = open(path, "rb")
     try:
-        head = _parse_y4m_header(fh.readline(1024), path)
+        head = _parse_y4m_header(fh.readline(65536), path)
     except BaseException:
         fh.close()
         raise
