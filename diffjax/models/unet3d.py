@@ -372,7 +372,7 @@ class UNetMotionModel(_VideoUNet):
                     "cross_attention_norm", "resnet_time_scale_shift", "resnet_skip_time_act",
                     "time_embedding_dim", "time_embedding_act_fn", "timestep_post_act",
                     "conv_in_kernel", "conv_out_kernel", "mid_block_type", "only_cross_attention",
-                    "mid_block_only_cross_attention", "upcast_attention"):
+                    "mid_block_only_cross_attention", "upcast_attention", "dropout"):
             value = cfg.pop(key, None)
             if value not in (None, False, "default", "positional", 3, 1.0,
                              "UNetMidBlock2DCrossAttn"):
