@@ -138,6 +138,25 @@ def test_mp4_h264_frame_count_size_fps(h, w, tmp_path):
         assert c.streams.video[0].codec_context.name == "h264"
 
 
+@pytest.mark.skipif(FFMPEG is None, reason="needs the ffmpeg binary")
+@pytest.mark.parametrize("suffix, codec", [(".mov", "ffv1"), (".avi", "ffv1"),
+                                           (".webm", "libvpx")])
+def test_read_other_containers(suffix, codec, tmp_path):
+    """Files made by the ffmpeg command line in the other containers read back."""
+    x = _smooth(t=3, h=32, w=48)
+    src = tmp_path / "src.mkv"
+    write_video(src, x, fps=10)
+    out = tmp_path / f"c{suffix}"
+    subprocess.run([FFMPEG, "-v", "error", "-i", str(src), "-c:v", codec,
+                    *(["-pix_fmt", "bgr0"] if codec == "ffv1" else ["-b:v", "2M"]), str(out)],
+                   check=True)
+    back, fps = read_video(out)
+    assert back.shape == x.shape and fps == 10
+    if codec == "ffv1":
+        np.testing.assert_array_equal(back, x)
+    assert read_video(out, max_frames=2)[0].shape[0] == 2
+
+
 def test_container_errors(tmp_path):
     (tmp_path / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 50)
     with pytest.raises(InputError, match="bad.mp4"):
