@@ -249,7 +249,8 @@ def evaluate_video_rd(clips: Sequence[tuple[str, np.ndarray]],
 
 def plot_video_rd(result: dict, out_dir: str | pathlib.Path, title: str = ""
                   ) -> list[pathlib.Path]:
-    """:func:`diffjax.eval.plots.plot_rd` plus ``rd_tlp.png`` and ``rd_warping_error.png``."""
+    """:func:`diffjax.eval.plots.plot_rd` plus ``rd_tlp.png`` and ``rd_warping_error.png``
+    (with the source video's own warping error as a dashed line)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,6 +268,9 @@ def plot_video_rd(result: dict, out_dir: str | pathlib.Path, title: str = ""
         fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
         for curve, pts in measured.items():
             ax.plot([p["bpp"] for p in pts], [p[key] for p in pts], "o-", ms=4, label=curve)
+        source = _mean(c.get(key) for c in result["dataset"].get("clips", []))
+        if source is not None:  # the source's own E_warp: a perfect codec's value
+            ax.axhline(source, color="k", ls="--", lw=1.2, label="source video")
         ax.set_xlabel("bits per pixel")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
