@@ -16,9 +16,10 @@ Reading (:func:`read_video`, streaming: :func:`iter_video`):
 * ``.mp4 .mkv .mov .avi .webm`` are decoded with PyAV (FFmpeg) and converted to 8-bit RGB
   by FFmpeg's swscale (``frame.to_ndarray(format="rgb24")``), with the colour matrix the
   stream signals (BT.601 when unsignalled).
-* a folder of PNG / JPEG / BMP / TIFF / WebP frames, natural-sorted by name
-  (``f2.png`` before ``f10.png``); 8-bit RGB, grey and palette frames are taken (grey and
-  palette become RGB), RGBA only when fully opaque; 16-bit or translucent frames are refused.
+* a folder of PNG / JPEG / BMP / PPM / TIFF / WebP frames, natural-sorted by name
+  (``f2.png`` before ``f10.png``), each read by :func:`diffjax.io.images.read_image` in
+  ``"rgb"`` mode (the one image policy: grey repeated, alpha dropped, 16-bit reduced to its
+  high byte).
 
 Writing (:func:`write_video`; frames may be an array or any iterable of ``[H, W, 3]``
 frames, so a decoder can stream into it):
@@ -54,10 +55,11 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from diffjax.errors import InputError
+from diffjax.io.images import IMAGE_SUFFIXES
 
 CONTAINER_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm")
 VIDEO_SUFFIXES = (".y4m",) + CONTAINER_SUFFIXES
-FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+FRAME_SUFFIXES = IMAGE_SUFFIXES
 WRITE_SUFFIXES = (".y4m", ".mkv", ".mp4")
 DEFAULT_FPS = fractions.Fraction(25)
 FRAME_NAME = "frame_{:05d}.png"
@@ -269,32 +271,9 @@ def _write_container(tmp: str, fmt: str, codec: str, frames: Iterator[np.ndarray
 # ----------------------------------------------------------------------------- folders
 
 def _read_frame(p: pathlib.Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from diffjax.io.images import read_image
 
-    try:
-        with Image.open(p) as im:
-            im.load()
-            mode = im.mode
-            if mode == "RGB":
-                return np.asarray(im)
-            if mode in ("L", "P", "1", "CMYK", "YCbCr"):
-                if mode == "P" and "transparency" in im.info:
-                    im = im.convert("RGBA")
-                    mode = "RGBA"
-                else:
-                    return np.asarray(im.convert("RGB"))
-            if mode in ("RGBA", "LA"):
-                arr = np.asarray(im.convert("RGBA"))
-                if (arr[..., 3] != 255).any():
-                    raise InputError(f"{p}: frame has transparent pixels; diffjax codes "
-                                     f"opaque RGB frames")
-                return np.ascontiguousarray(arr[..., :3])
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-        if isinstance(err, InputError):
-            raise
-        raise InputError(f"{p}: cannot decode frame ({err})") from err
-    raise InputError(f"{p}: frame has mode {mode!r}; diffjax reads 8-bit RGB, grey or "
-                     f"palette frames (16-bit frames: convert to 8-bit RGB first)")
+    return read_image(p, mode="rgb")
 
 
 def _iter_folder(path: pathlib.Path) -> tuple[None, Iterator[np.ndarray]]:
