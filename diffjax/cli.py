@@ -8,7 +8,8 @@ Each subcommand is a module of :mod:`diffjax.commands` that defines
 
 Command modules import jax/torch-heavy code inside ``run`` so that ``diffjax --help``
 stays instant. Errors derived from :class:`diffjax.DiffjaxError` (and unreadable files)
-are printed as one line and exit with status 2, without a traceback.
+are printed as one line and exit with status 2, without a traceback. Commands run with
+JAX's persistent compilation cache on (:mod:`diffjax.cache`).
 """
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 1
+    from diffjax.cache import enable_compilation_cache
+
+    enable_compilation_cache()  # warm starts (opt out: DIFFJAX_COMPILATION_CACHE=0)
     try:
         return int(args._run(args) or 0)
     except DiffjaxError as err:

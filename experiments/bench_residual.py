@@ -39,7 +39,7 @@ def _quality(ref, out) -> dict:
 def timing(model, images, steps: int, repeats: int = 3) -> None:
     """Median wall-clock encode / base decode / refined decode per image (after one
     warm-up call per image size, so compilation is excluded), rate point 1."""
-    codec = model.codec(1, steps)
+    codec = model.codec(quality=1, steps=steps)
     for name, img in images:
         data = codec.encode(model.params, img)
         codec.decode(model.params, data, steps=0)
@@ -69,7 +69,7 @@ def evaluate(model, images, steps: int, progress: bool = True) -> dict:
 
     out = {"source": model.source, "steps": steps, "info": model.info, "points": []}
     for q in range(1, model.num_qualities + 1):
-        codec = model.codec(q, steps)
+        codec = model.codec(quality=q, steps=steps)
         rows = []
         for name, img in tqdm(images, desc=f"quality {q}", disable=not progress, leave=False):
             t0 = time.perf_counter()
@@ -193,14 +193,15 @@ def main(argv=None) -> int:
     if args.random_init is not None:
         import jax
 
-        from diffjax.codecs.pretrained import LoadedModel, _config_from_training
+        from diffjax.codecs.pretrained import LoadedModel
         from diffjax.codecs.residual import ResidualCodec
+        from diffjax.train.task import build_task
         from experiments.configs import residual as residual_config
 
-        cfg = residual_config.get_config(args.random_init).to_dict()
-        config, info = _config_from_training(cfg)
+        task = build_task(residual_config.get_config(args.random_init).to_dict()["task"])
+        config = {**task.codec_kwargs(), "steps": args.steps}
         params = ResidualCodec(**config).init(jax.random.PRNGKey(0))
-        model = LoadedModel(config, params, {**info, "default_steps": args.steps},
+        model = LoadedModel("residual", config, params, task.provenance(),
                             f"random init of residual.py:{args.random_init}")
     else:
         model = load_model(args.model)

@@ -9,6 +9,9 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLI's persistent compilation cache stays off in tests (tests/test_cache.py turns it
+# on in subprocesses with a temporary folder), so the suite never writes to ~/.cache.
+os.environ["DIFFJAX_COMPILATION_CACHE"] = "0"
 # Deterministic, quiet torch reference runs.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -79,13 +79,18 @@ def test_round_trip_rgb_gray_rgba(model_dir, tmp_path, capsys):
 
 def test_errors_are_one_line(model_dir, tmp_path, capsys):
     (tmp_path / "notimage.png").write_bytes(b"this is not a png")
-    Image.fromarray(np.zeros((8, 8), np.uint16)).save(tmp_path / "deep.png")
+    Image.fromarray(np.zeros((8, 8), np.float32)).save(tmp_path / "float.tif")
+    (tmp_path / "no_frames").mkdir()
     Image.fromarray(_photo(20, 20)).save(tmp_path / "ok.png")
     (tmp_path / "bad.djx").write_bytes(b"DJXB\x01garbage")
     cases = [
         (["compress", tmp_path / "missing.png", "--model", model_dir], "no such file"),
         (["compress", tmp_path / "notimage.png", "--model", model_dir], "cannot read"),
-        (["compress", tmp_path / "deep.png", "--model", model_dir], "not supported"),
+        (["compress", tmp_path / "float.tif", "--model", model_dir], "not supported"),
+        (["compress", tmp_path / "no_frames", "--model", model_dir], "no_frames"),
+        (["compress", tmp_path / "ok.png", "--model", model_dir, "--frames", 2], "video"),
+        (["compress", tmp_path / "ok.png", "--codec", "nonesuch"], "unknown codec"),
+        (["decompress", tmp_path, "--model", model_dir], "directory"),
         (["compress", tmp_path / "ok.png", "--model", model_dir, "-q", 3], "quality"),
         (["compress", tmp_path / "ok.png", "--model", tmp_path / "nomodel"], "does not exist"),
         (["decompress", tmp_path / "bad.djx", "--model", model_dir], "truncated"),
@@ -98,10 +103,34 @@ def test_errors_are_one_line(model_dir, tmp_path, capsys):
 
 
 def test_no_shipped_weights_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(pretrained, "SHIPPED_DIR", tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", tmp_path / "empty")
     Image.fromarray(_photo(20, 20)).save(tmp_path / "ok.png")
     rc, _, err = _run(capsys, "compress", tmp_path / "ok.png")
-    assert rc == 2 and "no trained residual-codec weights" in err and "--model" in err
+    assert rc == 2 and "no trained residual weights" in err and "--model" in err
+    rc, _, err = _run(capsys, "compress", tmp_path / "ok.png", "--codec", "hyperprior")
+    assert rc == 2 and "no trained hyperprior weights" in err and "--model" in err
+
+
+def test_output_folder_and_wrong_model(model_dir, tmp_path, capsys):
+    """``-o EXISTING_DIR`` writes INPUT.djx inside it and leaves no temporary file; a file
+    decoded with another model names the codec and model that wrote it and --model."""
+    Image.fromarray(_photo(30, 40)).save(tmp_path / "ok.png")
+    (tmp_path / "out").mkdir()
+    rc, out, err = _run(capsys, "compress", tmp_path / "ok.png", "-o", tmp_path / "out",
+                        "--model", model_dir, "--steps", 0)
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ok.djx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.png", "out"]
+    rc, _, err = _run(capsys, "decompress", tmp_path / "out" / "ok.djx")  # shipped model
+    assert rc == 2 and "written by residual" in err and "--model" in err, err
+    assert "quality 1" in err and "Traceback" not in err
+
+
+def test_limit_zero_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--limit", "0"])
+    assert exc.value.code == 2 and "expected 1 or more" in capsys.readouterr().err
 
 
 def test_model_from_training_workdir(model_dir, tmp_path, capsys):
@@ -119,10 +148,12 @@ def test_model_from_training_workdir(model_dir, tmp_path, capsys):
     ck.save(7, {"params": jax.tree.map(np.asarray, loaded.params), "step": np.int32(7)}, cfg)
     ck.close()
     again = pretrained.load_model(work)
-    assert again.config == loaded.config and again.info["step"] == 7
+    without_steps = lambda config: {k: v for k, v in config.items() if k != "steps"}  # noqa: E731
+    assert without_steps(again.config) == without_steps(loaded.config)
+    assert again.info["step"] == 7 and again.codec_name == "residual"
     jax.tree.map(np.testing.assert_array_equal, again.params, loaded.params)
     exported = pretrained.export_model(work, tmp_path / "exported")
-    assert exported.config == loaded.config
+    assert exported.config == again.config and exported.info["lmbdas"] == [0.002, 0.02]
     Image.fromarray(_photo(30, 30)).save(tmp_path / "ok.png")
     rc, out, err = _run(capsys, "compress", tmp_path / "ok.png", "-o", tmp_path / "ok.djx",
                         "--model", work, "--steps", 0)

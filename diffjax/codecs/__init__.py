@@ -1,18 +1,27 @@
 """diffjax.codecs: one module per method, all following the protocol in ``base``.
 
-Importing this package registers every codec, so ``diffjax.codecs.get(name, **config)``
-and ``diffjax.codecs.available()`` see them all; ``diffjax.codecs.load(path)`` returns
+``diffjax.codecs.get(name, **config)`` and ``diffjax.codecs.available()`` see every codec
+(diffjax's own are imported on first use, :data:`~diffjax.codecs.base.BUILTIN`); ``diffjax.codecs.load(path)`` returns
 ``(codec, params)`` of a model folder, a training workdir or a shipped model
 (:mod:`diffjax.codecs.pretrained`).
 
 Adding a codec is one file, ``codecs/<name>.py``: a :class:`Codec` or :class:`VideoCodec`
-subclass decorated with ``@register("<name>")`` and imported below (plus, to train it, a
-:class:`~diffjax.train.task.Task` whose ``codec_name`` names it, and a config).
+subclass decorated with ``@register("<name>")`` (plus its line in ``BUILTIN`` for a codec
+that ships with diffjax, and, to train it, a :class:`~diffjax.train.task.Task` whose
+``codec_name`` names it, and a config). A codec defined in a user's own module needs only
+the decorator.
 """
 from diffjax.codecs.base import (Codec, VideoCodec, available, codec_class, codec_name,  # noqa: F401
                                  get, register)
 from diffjax.codecs.pretrained import load, load_model, save_model  # noqa: F401,E402
-from diffjax.codecs import hyperprior  # noqa: F401,E402  (registers "hyperprior")
-from diffjax.codecs import residual  # noqa: F401,E402  (registers "residual")
-from diffjax.codecs import foundation  # noqa: F401,E402  (registers "foundation")
-from diffjax.codecs import intra  # noqa: F401,E402  (registers "intra")
+
+
+def __getattr__(name: str):
+    """``diffjax.codecs.residual`` etc. work without importing every codec up front."""
+    import importlib
+
+    from diffjax.codecs.base import BUILTIN
+
+    if name in BUILTIN:
+        return importlib.import_module(BUILTIN[name][1])
+    raise AttributeError(f"module 'diffjax.codecs' has no attribute {name!r}")

@@ -172,6 +172,22 @@ def fingerprint_pytree(tree: Any, *extra: bytes) -> bytes:
 
 _REGISTRY: dict[str, Callable[..., Codec]] = {}
 _IDS: dict[int, str] = {}
+# diffjax's own codecs: name -> (codec id, module that registers it), imported on first use
+# so that a command pays only for the codec it runs (the foundation codec pulls in the SD
+# backbones and converters). Codecs defined elsewhere register with the decorator alone.
+BUILTIN: dict[str, tuple[int, str]] = {
+    "hyperprior": (1, "diffjax.codecs.hyperprior"),
+    "residual": (2, "diffjax.codecs.residual"),
+    "foundation": (3, "diffjax.codecs.foundation"),
+    "intra": (7, "diffjax.codecs.intra"),
+}
+
+
+def _import_builtin(name: str) -> None:
+    if name in BUILTIN and name not in _REGISTRY:
+        import importlib
+
+        importlib.import_module(BUILTIN[name][1])
 
 
 def register(name: str):
@@ -183,6 +199,11 @@ def register(name: str):
 
     def wrap(factory):
         codec_id = getattr(factory, "codec_id", None)
+        if name in BUILTIN and BUILTIN[name][0] != codec_id:
+            raise ValueError(f"codec name {name!r} is diffjax's codec id {BUILTIN[name][0]}")
+        if codec_id is not None and any(cid == codec_id and n != name
+                                        for n, (cid, _) in BUILTIN.items()):
+            raise ValueError(f"codec id {codec_id} is diffjax's {codec_name(codec_id)!r}")
         old = _REGISTRY.get(name, factory)
         if (old.__module__, old.__qualname__) != (factory.__module__, factory.__qualname__):
             raise ValueError(f"codec name {name!r} is already registered")
@@ -198,18 +219,20 @@ def register(name: str):
 
 def codec_name(codec_id: int) -> str | None:
     """The registered name of ``codec_id`` (None if unknown)."""
-    return _IDS.get(codec_id)
+    builtin = {cid: name for name, (cid, _) in BUILTIN.items()}
+    return _IDS.get(codec_id) or builtin.get(codec_id)
 
 
 def available() -> list[str]:
-    """Names of the registered codecs."""
-    return sorted(_REGISTRY)
+    """Names of the registered codecs (diffjax's own and any registered since)."""
+    return sorted(set(_REGISTRY) | set(BUILTIN))
 
 
 def codec_class(name: str) -> Callable[..., Codec]:
     """The registered class (factory) of codec ``name``."""
     from diffjax.errors import InputError
 
+    _import_builtin(name)
     if name not in _REGISTRY:
         raise InputError(f"unknown codec {name!r}; available: {', '.join(available()) or 'none'}")
     return _REGISTRY[name]
@@ -217,8 +240,4 @@ def codec_class(name: str) -> Callable[..., Codec]:
 
 def get(name: str, **kwargs) -> Codec:
     """Instantiate a registered codec by name."""
-    from diffjax.errors import InputError
-
-    if name not in _REGISTRY:
-        raise InputError(f"unknown codec {name!r}; available: {', '.join(available()) or 'none'}")
-    return _REGISTRY[name](**kwargs)
+    return codec_class(name)(**kwargs)

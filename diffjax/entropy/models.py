@@ -154,7 +154,11 @@ def scale_indexes(scales, scale_table: Sequence[float], scale_bound: float, ops=
     xp = ops.xp
     table = xp.asarray(np.asarray(scale_table, np.float32))
     scales = xp.maximum(scales.astype(xp.float32), xp.float32(scale_bound))
-    return xp.searchsorted(table[:-1], scales, side="left").astype(xp.int32)
+    if xp is np:
+        return np.searchsorted(table[:-1], scales, side="left").astype(np.int32)
+    # The same integer result by counting the table entries below each scale: a short table
+    # traces ~10x faster than jnp.searchsorted's loop (the CLI's warm start is tracing-bound).
+    return jnp.sum(scales[..., None] > table[:-1], axis=-1, dtype=jnp.int32)
 
 
 def bits(likelihoods, *, per_example: bool = False):

@@ -35,7 +35,7 @@ one's parameters (every command is in its model card, ``diffjax/weights/residual
 
 then more ``base`` and ``enhance`` stages with ``--config.init_from``. The fifth (lowest)
 rate point was added to a four-point model with
-``diffjax.codecs.pretrained.add_rate_point`` (its gains extrapolated from the two lowest).
+``diffjax.codecs.residual_train.add_rate_point`` (its gains extrapolated from the two lowest).
 
 Data: BSDS500 train + val (``runs/bsds500_trainval``, a folder of links that
 ``experiments.configs.base.trainval_dir()`` creates; never Kodak). BSDS500 is licensed for
@@ -52,7 +52,7 @@ from experiments.configs.base import apply_cpu_stretch, apply_smoke, get_base_co
 
 # CompressAI-style lambda per quality (ascending rate): q1..q5 of the shipped model. q1
 # (0.0007, below CompressAI's table, for the ~0.1 bpp end) was added to the four-point
-# model with diffjax.codecs.pretrained.add_rate_point.
+# model with diffjax.codecs.residual_train.add_rate_point.
 LMBDAS = (0.0007, 0.0018, 0.0050, 0.0130, 0.0483)
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 import diffjax.codecs
 from diffjax.codecs import pretrained
+from diffjax.codecs.residual_train import add_rate_point
 from diffjax.codecs.residual import ResidualCodec
 from diffjax.entropy import bitstream
 from diffjax.errors import BitstreamError, InputError
@@ -279,7 +280,7 @@ def test_smoke_config_trains_and_loads(tmp_path):
     model = pretrained.load_model(tmp_path)
     assert model.info["step"] == 2
     assert model.num_qualities == len(residual_config.LMBDAS) == 5
-    codec = model.codec(1, 1)
+    codec = model.codec(quality=1, steps=1)
     img = _image(64, 64)
     assert codec.decode(model.params, codec.encode(model.params, img)).shape == img.shape
 
@@ -315,14 +316,14 @@ def test_config_rejects_unknown_or_conflicting_arguments():
 
 @pytest.mark.parametrize("end", ["low", "high"])
 def test_add_rate_point_keeps_old_points_and_extrapolates_gains(setup, end):
-    """``pretrained.add_rate_point``: the new gain rows continue the old ones geometrically,
+    """``residual_train.add_rate_point``: the new gain rows continue the old ones geometrically,
     and every old rate point codes the same symbols and decodes the same image at its
     shifted index."""
     codecs, params = setup
     model = pretrained.load_model(TINY)
     lmbdas = model.info["lmbdas"]
     new_lmbda = lmbdas[0] / 2 if end == "low" else lmbdas[-1] * 2
-    bigger = pretrained.add_rate_point(model, new_lmbda, end=end)
+    bigger = add_rate_point(model, new_lmbda, end=end)
     assert bigger.num_qualities == 3
     assert bigger.info["lmbdas"] == ([new_lmbda] + lmbdas if end == "low" else lmbdas + [new_lmbda])
     g_old, g_new = np.asarray(params["gain"]), np.asarray(bigger.params["gain"])
@@ -334,22 +335,22 @@ def test_add_rate_point_keeps_old_points_and_extrapolates_gains(setup, end):
     img = _image(64, 64)
     for steps in (0, 2):  # base-only bit for bit; refined up to float summation order
         old = codecs[(2, steps)]
-        new = bigger.codec(2 + shift, steps=steps)
+        new = bigger.codec(quality=2 + shift, steps=steps)
         data_old, data_new = old.encode(params, img), new.encode(bigger.params, img)
         assert bitstream.unpack(data_old)[1] == bitstream.unpack(data_new)[1]
         a = old.decode(params, data_old).astype(int)
         b = new.decode(bigger.params, data_new).astype(int)
         assert np.abs(a - b).max() <= (0 if steps == 0 else 1)
-    extra = bigger.codec(1 if end == "low" else 3, steps=0)
+    extra = bigger.codec(quality=1 if end == "low" else 3, steps=0)
     assert extra.decode(bigger.params, extra.encode(bigger.params, img)).shape == img.shape
 
 
 def test_add_rate_point_rejects_lambda_inside_range():
     model = pretrained.load_model(TINY)
     with pytest.raises(ValueError, match="not below"):
-        pretrained.add_rate_point(model, model.info["lmbdas"][-1], end="low")
+        add_rate_point(model, model.info["lmbdas"][-1], end="low")
     with pytest.raises(ValueError, match="end must be"):
-        pretrained.add_rate_point(model, 1.0, end="middle")
+        add_rate_point(model, 1.0, end="middle")
 
 
 def test_enhance_config_trains_on_the_decoders_default_steps():

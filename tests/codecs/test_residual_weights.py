@@ -44,7 +44,7 @@ def test_reproduces_committed_kodak_results(shipped, shared_data, name, quality)
     point = next(p for p in results["points"] if p["quality"] == quality)
     row = next(r for r in point["images"] if r["image"] == name)
     image = read_image(str(shared_data / "kodak" / name))
-    codec = model.codec(quality, results["steps"])
+    codec = model.codec(quality=quality, steps=results["steps"])
     data = codec.encode(model.params, image)
     assert len(data) == row["bytes"]
     assert 8 * len(data) / (image.shape[0] * image.shape[1]) == pytest.approx(row["bpp"], abs=0)

@@ -13,9 +13,8 @@ from PIL import Image
 from diffjax import BitstreamError, codecs
 from diffjax.cli import main
 from diffjax.eval.plots import load_reference, plot_rd
-from diffjax.eval.points import baseline_points, checkpoint_point, codec_point, load_checkpoint
+from diffjax.eval.points import baseline_points, checkpoint_point, codec_point
 from diffjax.eval.runner import _slug, evaluate_rd, load_images
-from diffjax.errors import CheckpointError
 from diffjax.train.checkpoint import Checkpointer
 
 SIDE = 176  # > 160 so MS-SSIM is defined; not a multiple of the codec's stride 64
@@ -161,11 +160,17 @@ def test_cli_errors_are_one_line(argv, match, images_dir, tmp_path, capsys):
 
 
 def test_checkpoint_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="no such"):
-        load_checkpoint(tmp_path / "nothing")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="no Orbax checkpoint steps"):
-        load_checkpoint(tmp_path / "empty")
+    from diffjax.codecs.pretrained import NoWeightsError
+
+    with pytest.raises(NoWeightsError, match="does not exist"):
+        checkpoint_point(tmp_path / "nothing")
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "empty" / "config.json").write_text('{"task": {"name": "rate_distortion"}}')
+    with pytest.raises(NoWeightsError, match="no finished checkpoint"):
+        checkpoint_point(tmp_path / "empty")
+    (tmp_path / "other").mkdir()
+    with pytest.raises(NoWeightsError, match="neither a model folder"):
+        checkpoint_point(tmp_path / "other")
     with pytest.raises(Exception, match="CompressAI-style"):
         load_reference(tmp_path / "nothing.json")
     assert issubclass(BitstreamError, Exception)
