@@ -18,6 +18,11 @@ The options change only which kernels run, not what is computed (outputs agree w
 default compilation to float32 rounding). Entropy-model computations (the hyperprior
 codecs' scales, whose exact values the decoder must reproduce) keep the default
 compilation so that bitstreams stay decodable across diffjax versions.
+
+These options pick XLA's kernels for the ops diffjax emits. Which ops it emits on the CPU
+backend (patch-GEMM and 1x1 convolutions, query-blocked attention, the folded upsampling
+conv) is decided separately, at trace time, by :mod:`diffjax.nn.cpu_kernels`
+(``DIFFJAX_CPU_KERNELS``); both are keyed on the backend and off on GPU/TPU.
 """
 from __future__ import annotations
 

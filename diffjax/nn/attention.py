@@ -3,7 +3,8 @@
 * :func:`attention` - scaled dot-product attention (Vaswani et al. 2017, eq. 1) through
   ``jax.nn.dot_product_attention``, so XLA, cuDNN or other fused kernels can be chosen
   (``implementation``); long attention on the CPU backend takes an exact query-blocked
-  path instead (:func:`query_blocked_attention`, 2.7x faster there). Logits and softmax
+  path instead (:func:`diffjax.nn.cpu_kernels.query_blocked_attention`, 2.7x faster there;
+  GPU/TPU keep ``jax.nn.dot_product_attention`` and its fused kernels). Logits and softmax
   are float32 whatever the compute dtype, which is diffusers'
   ``upcast_attention``/``upcast_softmax`` behaviour.
 * :class:`Attention` - multi-head attention with ``to_q``/``to_k``/``to_v``/``to_out_0``
@@ -27,21 +28,14 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.errors import InputError
+from diffjax.nn import cpu_kernels
+# Re-exported: these lived here before the CPU kernels moved to ``diffjax.nn.cpu_kernels``.
+from diffjax.nn.cpu_kernels import (CPU_BLOCK_MIN_LOGITS, CPU_QUERY_BLOCK,  # noqa: F401
+                                    query_blocked_attention)
+from diffjax.nn.cpu_kernels import attention_core as _attention_core  # noqa: F401
 from diffjax.nn.layers import conv2d, dense, group_norm, layer_norm, maybe_remat
 
 Dtype = Any
-
-
-# On the CPU backend, XLA fuses the softmax of ``jax.nn.dot_product_attention`` into its two
-# matmuls, which then no longer run as library GEMMs: SD 2.1's self-attention at a 32x32 latent
-# (1024 tokens, 5 heads of 64) took 41 ms there against 15 ms for the same three steps kept
-# apart by ``optimization_barrier`` and run over blocks of 128 queries (744 vs 263 ms at 4096
-# tokens, 204 ms with one head per block; PyTorch's fused CPU kernel: 10-12 / 180-192 ms;
-# micro-benchmarks on the 2-core CPU, see README "SD backbone"). The blocked path is used
-# for long attention on the CPU backend only; GPU/TPU keep ``jax.nn.dot_product_attention``
-# and its fused kernels.
-CPU_BLOCK_MIN_LOGITS = 2 ** 22   # N * T * S from which the CPU path pays (measured)
-CPU_QUERY_BLOCK = 128            # queries per block (128 and 256 measured best)
 
 
 def attention(q, k, v, *, bias=None, implementation: str | None = None,
@@ -49,62 +43,23 @@ def attention(q, k, v, *, bias=None, implementation: str | None = None,
     """``softmax(q k^T / sqrt(d) + bias) v`` over ``[B, T, N, H]`` heads, float32 softmax.
 
     Goes through ``jax.nn.dot_product_attention`` (so cuDNN or other fused kernels can be
-    picked with ``implementation``), except for long attention without bias on the CPU
-    backend (``N * T * S >= CPU_BLOCK_MIN_LOGITS``), or whenever ``block_size`` is given:
-    then queries are processed in blocks of ``block_size`` (default
-    :data:`CPU_QUERY_BLOCK`) by :func:`query_blocked_attention`, which is exact (each
-    query's softmax is computed over all keys, as eq. 1 of Vaswani et al. 2017).
+    picked with ``implementation``), except when queries are processed in blocks by
+    :func:`diffjax.nn.cpu_kernels.query_blocked_attention`, which is exact (each query's
+    softmax is computed over all keys, as eq. 1 of Vaswani et al. 2017): whenever
+    ``block_size`` is given (and there is no ``bias``), or automatically, with blocks of
+    :data:`~diffjax.nn.cpu_kernels.CPU_QUERY_BLOCK`, for long attention without bias or
+    ``implementation`` when the CPU kernels are on
+    (:func:`~diffjax.nn.cpu_kernels.use_cpu_kernels`, the CPU backend by default;
+    ``N * T * S >= CPU_BLOCK_MIN_LOGITS``).
     """
     _, t, n, _ = q.shape
     s = k.shape[1]
     if (block_size is None and implementation is None and bias is None
-            and n * t * s >= CPU_BLOCK_MIN_LOGITS and jax.default_backend() == "cpu"):
-        block_size = CPU_QUERY_BLOCK
+            and cpu_kernels.use_cpu_kernels() and cpu_kernels.wants_blocked_attention(n, t, s)):
+        block_size = cpu_kernels.CPU_QUERY_BLOCK
     if block_size and bias is None:
-        return query_blocked_attention(q, k, v, block_size)
+        return cpu_kernels.query_blocked_attention(q, k, v, block_size)
     return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
-
-
-def _attention_core(q, k, v):
-    """``[B, N, T, H]`` heads-first attention; logits and softmax in float32.
-
-    The softmax's normalisation is applied to the ``[T, H]`` output instead of the
-    ``[T, S]`` probabilities (``softmax(l) v = (exp(l - max l) v) / sum exp(l - max l)``),
-    which saves one pass over the logits. The ``optimization_barrier`` s keep XLA from
-    fusing the softmax into the matmuls (on XLA:CPU a fused matmul runs as a slow loop
-    instead of a GEMM).
-    """
-    logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
-    logits = jax.lax.optimization_barrier(logits)
-    scale = q.shape[-1] ** -0.5
-    unnormalised = jnp.exp((logits - jnp.max(logits, axis=-1, keepdims=True)) * scale)
-    unnormalised = jax.lax.optimization_barrier(unnormalised)
-    out = jnp.einsum("bnts,bnsh->bnth", unnormalised.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
-    return (out / jnp.sum(unnormalised, axis=-1, keepdims=True)).astype(q.dtype)
-
-
-def query_blocked_attention(q, k, v, block_size: int = CPU_QUERY_BLOCK):
-    """Exact attention over ``[B, T, N, H]``, one head and ``block_size`` queries at a time.
-
-    Each block sees all keys of its head (no online softmax needed), so the working set is
-    ``block_size * S`` logits instead of ``N * T * S``; blocks run one after the other
-    (``lax.map``). ``T`` not a multiple of ``block_size`` (or ``T <= block_size``): all
-    queries of a head form one block.
-    """
-    b, t, n, h = q.shape
-    blocks = t // block_size if t > block_size and t % block_size == 0 else 1
-
-    def one_head(qkv):  # [B, T, H], [B, S, H], [B, S, H]
-        qn, kn, vn = (a[:, None] for a in qkv)  # a single head: [B, 1, ., H]
-        if blocks == 1:
-            return _attention_core(qn, kn, vn)[:, 0]
-        qb = qn.reshape(b, 1, blocks, t // blocks, h).transpose(2, 0, 1, 3, 4)
-        out = jax.lax.map(lambda one: _attention_core(one, kn, vn), qb)  # [blocks, B, 1, bs, H]
-        return out.transpose(1, 0, 3, 2, 4).reshape(b, t, h)
-
-    out = jax.lax.map(one_head, tuple(a.transpose(2, 0, 1, 3) for a in (q, k, v)))  # [N, B, T, H]
-    return out.transpose(1, 2, 0, 3)
 
 
 class Attention(nn.Module):

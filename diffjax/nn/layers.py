@@ -5,9 +5,9 @@
   with ``nn.get_partition_spec(jax.eval_shape(module.init, ...))``. Applying a module with
   plain (unboxed) arrays, e.g. converted checkpoints, works unchanged. ``name`` may be
   left out inside ``setup`` (Flax names attributes itself).
-  On the CPU backend, convolutions over small feature maps run as one GEMM over gathered
-  patches (:func:`patch_matmul_conv`), which XLA:CPU executes much faster than its
-  convolution kernel there.
+  Their convolution is :class:`BackendConv`: on the CPU backend the kernels of
+  :mod:`diffjax.nn.cpu_kernels` (1x1 convs as a channel matmul, small maps as one GEMM
+  over gathered patches), elsewhere ``lax.conv_general_dilated``.
 * :func:`group_norm` (:class:`GroupNorm`) / :func:`layer_norm` always compute in float32
   (statistics and normalisation) whatever the compute dtype; callers cast the result back.
   This is what keeps bf16 compute within 2e-2 of fp32.
@@ -27,6 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.errors import InputError
+from diffjax.nn import cpu_kernels
+# Re-exported: these lived here before the CPU kernels moved to ``diffjax.nn.cpu_kernels``.
+from diffjax.nn.cpu_kernels import (CPU_PATCH_CONV_MAX_PIXELS, NHWC_DIMS,  # noqa: F401
+                                    patch_matmul_conv)
 
 Dtype = Any
 
@@ -44,60 +48,27 @@ def dense(features: int, *, name: str | None = None, dtype: Dtype, param_dtype: 
     )
 
 
-# XLA:CPU's convolution is slow on small feature maps with many channels; gathering the
-# k*k shifted copies of the input ("im2col", Chellapilla et al. 2006) and doing one GEMM is
-# 1.4-3.7x faster there (SD 2.1 UNet levels, 2-core CPU: 8x8 1280->1280 78 -> 21 ms,
-# 16x16 1920->640 102 -> 56 ms, 16x16 640->640 21 -> 15 ms), but 2-5x slower on large maps
-# (64x64 320->320 57 -> 135 ms), where XLA's kernel is within 1.1-1.4x of PyTorch.
-CPU_PATCH_CONV_MAX_PIXELS = 16 * 16   # output H * W up to which the GEMM path is used
-# ``lax.conv_dimension_numbers`` of ("NHWC", "HWIO", "NHWC"), what ``nn.Conv`` passes
-NHWC_DIMS = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
-                                         out_spec=(0, 3, 1, 2))
+class BackendConv:
+    """``lax.conv_general_dilated`` stand-in for ``nn.Conv(conv_general_dilated_cls=...)``
+    that picks the kernel per backend.
 
-
-def patch_matmul_conv(lhs, rhs, window_strides, padding, precision=None):
-    """NHWC x HWIO convolution with explicit ``((top, bottom), (left, right))`` padding as
-    one matmul over gathered patches (exactly the sum ``lax.conv_general_dilated`` computes,
-    in a different summation order)."""
-    kh, kw, cin, cout = rhs.shape
-    sh, sw = window_strides
-    x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    ho = (x.shape[1] - kh) // sh + 1
-    wo = (x.shape[2] - kw) // sw + 1
-    patches = jnp.concatenate(
-        [x[:, dy:dy + sh * (ho - 1) + 1:sh, dx:dx + sw * (wo - 1) + 1:sw]
-         for dy in range(kh) for dx in range(kw)], axis=-1)  # (dy, dx, cin): HWIO order
-    return jnp.einsum("bhwk,kc->bhwc", patches, rhs.reshape(kh * kw * cin, cout),
-                      precision=precision)
-
-
-class CpuFriendlyConv:
-    """``lax.conv_general_dilated`` stand-in for ``nn.Conv(conv_general_dilated_cls=...)``.
-
-    On the CPU backend, for NHWC maps: a 1x1 convolution with stride 1 and no padding runs
-    as a matmul over the channels (XLA:CPU's convolution kernel is 1.3-2x slower for it,
-    e.g. 64x64 640->320: 25 vs 12 ms), a k x k one with a small output as
-    :func:`patch_matmul_conv`; everything else (and every other backend) uses XLA's kernel.
+    With :func:`~diffjax.nn.cpu_kernels.use_cpu_kernels` (the CPU backend, by default) it
+    is :func:`diffjax.nn.cpu_kernels.conv_general_dilated` (1x1 convs as a channel matmul,
+    small-output k x k convs as a patch GEMM); otherwise (GPU/TPU) the plain
+    ``lax.conv_general_dilated``. The switch is read at trace time. No parameters.
     """
 
     def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                  dimension_numbers=None, feature_group_count=1, precision=None):
-        dense_conv = (lhs.ndim == 4 and feature_group_count == 1 and not isinstance(padding, str)
-                      and all(d == 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))
-                      and dimension_numbers == NHWC_DIMS and jax.default_backend() == "cpu")
-        pointwise = (rhs.shape[:2] == (1, 1) and tuple(window_strides) == (1, 1)
-                     and all(p == 0 for pair in (padding if dense_conv else ()) for p in pair))
-        if dense_conv and pointwise:
-            return jnp.einsum("bhwc,cd->bhwd", lhs, rhs[0, 0], precision=precision)
-        if dense_conv and rhs.shape[0] * rhs.shape[1] > 1:
-            out_pixels = np.prod([(lhs.shape[1 + i] + sum(padding[i]) - rhs.shape[i])
-                                  // window_strides[i] + 1 for i in range(2)])
-            if out_pixels <= CPU_PATCH_CONV_MAX_PIXELS:
-                return patch_matmul_conv(lhs, rhs, window_strides, padding, precision)
-        return jax.lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count, precision=precision)
+        conv = (cpu_kernels.conv_general_dilated if cpu_kernels.use_cpu_kernels()
+                else jax.lax.conv_general_dilated)
+        return conv(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                    feature_group_count=feature_group_count, precision=precision)
+
+
+# The former name, kept for code that imports it.
+CpuFriendlyConv = BackendConv
 
 
 def conv2d(features: int, *, name: str | None = None, dtype: Dtype, param_dtype: Dtype,
@@ -116,7 +87,7 @@ def conv2d(features: int, *, name: str | None = None, dtype: Dtype, param_dtype:
         features, kernel_size=(kernel_size, kernel_size), strides=(stride, stride),
         padding=padding, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
         kernel_init=nn.with_logical_partitioning(nn.linear.default_kernel_init, CONV_AXES),
-        conv_general_dilated_cls=CpuFriendlyConv,
+        conv_general_dilated_cls=BackendConv,
     )
 
 

@@ -5,6 +5,10 @@ appendix B; He et al. 2016) as used by LDM/Stable Diffusion (Rombach et al. 2022
 ``GN -> act -> conv -> (+ time embedding) -> GN -> act -> dropout -> conv``, plus a 1x1
 shortcut when the channel count changes. :class:`Downsample2D` / :class:`Upsample2D` are
 the stride-2 conv and nearest-neighbour x2 + conv resamplers. Layout is NHWC.
+
+With the CPU kernels on (:func:`diffjax.nn.cpu_kernels.use_cpu_kernels`, the CPU backend by
+default) an exact x2 :class:`Upsample2D` of a larger map runs as :class:`NearestUpsampleConv`;
+otherwise it upsamples and then convolves, as diffusers does.
 """
 from __future__ import annotations
 
@@ -15,8 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.errors import InputError
-from diffjax.nn.layers import (CONV_AXES, CPU_PATCH_CONV_MAX_PIXELS, NHWC_DIMS,
-                               CpuFriendlyConv, activation, conv2d, dense, group_norm)
+from diffjax.nn import cpu_kernels
+from diffjax.nn.layers import CONV_AXES, activation, conv2d, dense, group_norm
+# Names importable from here before the CPU kernels moved to ``diffjax.nn.cpu_kernels``.
+from diffjax.nn.cpu_kernels import fold_taps as _fold_taps  # noqa: F401,E402
+from diffjax.nn.layers import (CPU_PATCH_CONV_MAX_PIXELS, NHWC_DIMS,  # noqa: F401,E402
+                               CpuFriendlyConv)
 
 Dtype = Any
 
@@ -133,9 +141,10 @@ def _nearest_index(in_size: int, out_size: int) -> np.ndarray:
 class Upsample2D(nn.Module):
     """Nearest x2 (or to ``output_size``) then a 3x3 conv named ``conv``.
 
-    An exact x2 of a map of more than 64 pixels runs as :class:`NearestUpsampleConv` (the same
-    parameters, 2.25x fewer multiply-adds); small maps and other output sizes upsample
-    first and then convolve, as diffusers does.
+    With the CPU kernels on (:func:`~diffjax.nn.cpu_kernels.use_cpu_kernels`), an exact x2
+    of a map of more than 64 pixels runs as :class:`NearestUpsampleConv` (the same
+    parameters, 2.25x fewer multiply-adds); otherwise (GPU/TPU, small maps, other output
+    sizes) it upsamples first and then convolves, as diffusers does.
     """
 
     out_channels: int
@@ -147,11 +156,8 @@ class Upsample2D(nn.Module):
     def __call__(self, x, output_size: Sequence[int] | None = None):
         """``[B, H, W, C] -> [B, 2H, 2W, out_channels]`` (or ``output_size``)."""
         doubling = output_size is None or tuple(output_size) == (2 * x.shape[1], 2 * x.shape[2])
-        # Folding the kernel costs a pass over its Cin x Cout taps; on maps small enough for
-        # the patch-GEMM conv (<= 16x16 output) that costs more than the MACs it saves
-        # (SD 2.1, 8x8 1280 -> 16x16: 104 ms folded, 61 ms upsample + patch conv).
-        small = 4 * x.shape[1] * x.shape[2] <= CPU_PATCH_CONV_MAX_PIXELS
-        if self.use_conv and doubling and not small:
+        if (self.use_conv and doubling and cpu_kernels.use_cpu_kernels()
+                and cpu_kernels.wants_folded_upsample(x.shape[1], x.shape[2])):
             return NearestUpsampleConv(self.out_channels, name="conv", dtype=self.dtype,
                                        param_dtype=self.param_dtype)(x)
         x = nearest_upsample(x, output_size)
@@ -162,15 +168,14 @@ class Upsample2D(nn.Module):
 
 
 class NearestUpsampleConv(nn.Module):
-    """``conv3x3(nearest_upsample_x2(x))`` computed on the low-resolution input.
+    """``conv3x3(nearest_upsample_x2(x))`` computed on the low-resolution input, a CPU kernel.
 
-    Output pixel ``(2i + a, 2j + b)`` of the upsampled 3x3 convolution only sees input rows
-    ``i - 1, i`` (``a = 0``, taps ``w0`` and ``w1 + w2``) or ``i, i + 1`` (``a = 1``, taps
-    ``w0 + w1`` and ``w2``), and likewise for columns: four 2x2 convolutions with summed
-    kernels give the four output phases (the "sub-pixel" view of resize-convolution, Shi et
-    al. 2016; Odena et al. 2016), 16 instead of 36 multiply-adds per input pixel and
-    channel pair. Parameters ``kernel [3, 3, Cin, Cout]`` and ``bias`` exactly as the
+    Four 2x2 convolutions with summed kernels, one per output phase
+    (:func:`diffjax.nn.cpu_kernels.nearest_upsample_conv`, which has the derivation), plus
+    the bias. Parameters ``kernel [3, 3, Cin, Cout]`` and ``bias`` exactly as the
     ``nn.Conv`` of :func:`~diffjax.nn.layers.conv2d` (converted checkpoints load unchanged).
+    Used by :class:`Upsample2D` only when the CPU kernels are on; applied directly, it
+    always computes the folded form.
     """
 
     features: int
@@ -185,18 +190,5 @@ class NearestUpsampleConv(nn.Module):
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
                           self.param_dtype)
         x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
-        conv = CpuFriendlyConv()
-        pads = ((1, 0), (0, 1))  # phase 0 reads rows i-1, i; phase 1 reads i, i+1
-        phases = [[conv(x, _fold_taps(_fold_taps(kernel, 0, a), 1, b), (1, 1),
-                        (pads[a], pads[b]), dimension_numbers=NHWC_DIMS) for b in (0, 1)]
-                  for a in (0, 1)]
-        out = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # [B,H,2,W,2,C]
-        n, h, _, w, _, c = out.shape
-        return out.reshape(n, 2 * h, 2 * w, c) + bias
+        return cpu_kernels.nearest_upsample_conv(x, kernel) + bias
 
-
-def _fold_taps(kernel, axis: int, phase: int):
-    """The 3 taps of ``kernel`` along ``axis`` as seen by output phase ``phase`` of a nearest
-    x2 upsampling: ``(w0, w1 + w2)`` for phase 0, ``(w0 + w1, w2)`` for phase 1."""
-    w0, w1, w2 = (jnp.take(kernel, i, axis=axis) for i in range(3))
-    return jnp.stack((w0, w1 + w2) if phase == 0 else (w0 + w1, w2), axis=axis)

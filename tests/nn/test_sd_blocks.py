@@ -107,38 +107,6 @@ def test_attention_with_bias_matches_torch_sdpa():
     np.testing.assert_allclose(np.asarray(got), want.transpose(1, 2).numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-6), (jnp.bfloat16, 2e-2)])
-@pytest.mark.parametrize("t", [48, 40, 8])  # several blocks, one ragged block, T <= block
-def test_query_blocked_attention_equals_plain(dtype, tol, t):
-    """The query-blocked path used on CPU for long attention is exact."""
-    rng = np.random.default_rng(3)
-    q = jnp.asarray(rng.standard_normal((2, t, 3, 8)), dtype)
-    k = jnp.asarray(rng.standard_normal((2, 64, 3, 8)), dtype)
-    v = jnp.asarray(rng.standard_normal((2, 64, 3, 8)), dtype)
-    plain = np.asarray(jax.nn.dot_product_attention(q, k, v), np.float32)
-    blocked = attention(q, k, v, block_size=16)
-    assert blocked.dtype == q.dtype
-    np.testing.assert_allclose(np.asarray(blocked, np.float32), plain, atol=tol)
-
-
-def test_long_cpu_attention_takes_the_blocked_path_and_matches_torch(monkeypatch):
-    import diffjax.nn.attention as attn
-
-    monkeypatch.setattr(attn, "CPU_BLOCK_MIN_LOGITS", 2 * 40 * 64)  # this test's size
-    calls = []
-    real = attn.query_blocked_attention
-    monkeypatch.setattr(attn, "query_blocked_attention",
-                        lambda *a: calls.append(a[-1]) or real(*a))
-    rng = np.random.default_rng(4)
-    q, k, v = (rng.standard_normal(s).astype(np.float32)
-               for s in ((1, 256, 2, 8), (1, 40, 2, 8), (1, 40, 2, 8)))
-    got = attn.attention(q, k, v)
-    assert calls == [attn.CPU_QUERY_BLOCK]
-    t = lambda a: torch.from_numpy(a).transpose(1, 2)  # BTNH -> BNTH
-    want = F.scaled_dot_product_attention(t(q), t(k), t(v)).transpose(1, 2).numpy()
-    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
-
-
 def test_unknown_activation_is_a_clear_error():
     with pytest.raises(InputError, match="unsupported activation 'tanhshrink'"):
         activation("tanhshrink")
