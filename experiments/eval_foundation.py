@@ -11,7 +11,15 @@ bitstreams' side information) -- and plots how ``t``, bpp and quality move with 
         --out results/kodak/foundation_taef2 --combine results/kodak/residual/rd.json
 
 ``--combine`` adds the curves of a committed ``rd.json`` of the same images (the classical
-baselines and the residual codec) to the plots and the BD-rate table. Outputs in ``--out``:
+baselines and the residual codec) to the plots and the BD-rate table. ``--reuse DIR`` takes
+the foundation curve, its per-image rows and ``lambda.json`` from a previous output folder
+instead of evaluating a model (no workdir or images needed), so the combination can be
+redone when the other curves change without the foundation weights:
+
+    python -m experiments.eval_foundation --reuse results/kodak/foundation_taef2 \
+        --out results/kodak/foundation_taef2 --combine results/kodak/residual/rd.json
+
+Outputs in ``--out``:
 ``rd.json``, ``rd_psnr.png``, ``rd_ms_ssim.png``, ``rd_lpips.png``, ``bd_rate.md``,
 ``lambda.json`` and ``lambda.png`` (t, steps, bpp, PSNR and LPIPS against lambda).
 """
@@ -29,6 +37,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CURVE = "diffjax foundation (TAEF2)"
+
+
 def load_model(workdir: str, step: int | None = None, use_ema: bool = False):
     """(codec kwargs, params, step) of a foundation model folder or training workdir."""
     from diffjax.codecs.pretrained import load_model as load
@@ -86,10 +96,32 @@ def plot_lambda(rows: list, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def reuse(folder: str) -> tuple[dict, list]:
+    """``(rd.json document, lambda.json rows)`` of a previous output folder, with only the
+    foundation curve kept (the other curves come from ``--combine`` again)."""
+    folder = pathlib.Path(folder)
+    try:
+        doc = json.loads((folder / "rd.json").read_text())
+        rows = json.loads((folder / "lambda.json").read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--reuse: {folder} is not an output of this script ({err})") from err
+    if CURVE not in doc.get("curves", {}):
+        raise SystemExit(f"--reuse: {folder / 'rd.json'} has no {CURVE!r} curve")
+    previous = doc.get("reused_from") or {"folder": str(folder), "argv": doc.get("argv")}
+    doc = {**doc, "curves": {CURVE: doc["curves"][CURVE]},
+           "references": {}, "reused_from": previous}
+    return doc, rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("workdir", help="foundation training workdir (Orbax checkpoints)")
-    parser.add_argument("images", help="folder of evaluation images (Kodak)")
+    parser.add_argument("workdir", nargs="?",
+                        help="foundation training workdir or model folder (not with --reuse)")
+    parser.add_argument("images", nargs="?",
+                        help="folder of evaluation images (Kodak; not with --reuse)")
+    parser.add_argument("--reuse", metavar="DIR", default=None,
+                        help="take the foundation curve and lambda.json from this previous "
+                             "output folder instead of evaluating a model")
     parser.add_argument("--out", required=True)
     parser.add_argument("--lambdas", default="1,5,10,20", help="comma list (the codec quality)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")
@@ -99,33 +131,32 @@ def main(argv=None) -> int:
     parser.add_argument("--anchor", default="JPEG", help="BD-rate anchor curve (with --combine)")
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
     args = parser.parse_args(argv)
+    if args.reuse is not None and (args.workdir or args.images):
+        parser.error("--reuse takes the foundation curve from DIR: give no workdir or images")
+    if args.reuse is None and not (args.workdir and args.images):
+        parser.error("give a workdir and an images folder (or --reuse DIR)")
 
-    from diffjax.codecs.foundation import FoundationCodec
     from diffjax.eval.plots import plot_rd
-    from diffjax.eval.points import codec_point
-    from diffjax.eval.runner import bd_rate_table, evaluate_rd, format_bd_table, load_images
+    from diffjax.eval.runner import bd_rate_table, format_bd_table
 
+    if args.reuse is not None:  # read before --out (possibly the same folder) is written
+        result, rows = reuse(args.reuse)
+        evaluated = [im["name"] for im in result["dataset"]["images"]]
+    else:
+        result, rows, evaluated = _evaluate(args)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    kwargs, params, step = load_model(args.workdir, args.step, args.ema)
-    images = load_images(args.images, args.limit)
-    codecs = {int(v): FoundationCodec(int(v), **kwargs) for v in args.lambdas.split(",")}
-    points = [codec_point(c, params, curve=CURVE, label=f"lambda={lam}",
-                          setting={"quality": lam, "checkpoint": args.workdir, "step": step})
-              for lam, c in codecs.items()]
-    with tempfile.TemporaryDirectory(prefix="diffjax-foundation-") as tmp:  # read back, then gone
-        result = evaluate_rd(points, images, bitstream_dir=tmp, dataset="kodak")
-        rows = lambda_table(result, codecs, params, pathlib.Path(tmp))
 
     if args.combine:
         other = json.loads(pathlib.Path(args.combine).read_text())
         names = sorted(im["name"] for im in other["dataset"]["images"])
-        if names != sorted(n for n, _ in images):
+        if names != sorted(evaluated):
             raise SystemExit(f"--combine: {args.combine} holds other images than the ones "
                              "evaluated")
         result["curves"] = {**other["curves"], **result["curves"]}
         result["references"] = {**other.get("references", {}), **result["references"]}
-    result["argv"] = sys.argv
+    result["argv"] = ["python", "-m", "experiments.eval_foundation",
+                      *(sys.argv[1:] if argv is None else argv)]
     # the anchor (a baseline) comes with --combine; alone, the table is relative to lambda's curve
     anchor = args.anchor if args.anchor in result["curves"] else None
     result["bd_rate"] = bd_rate_table(result, anchor)
@@ -145,6 +176,25 @@ def main(argv=None) -> int:
     print()
     print(format_bd_table(result["bd_rate"]))
     return 0
+
+
+def _evaluate(args) -> tuple[dict, list, list]:
+    """Evaluate the model of ``args.workdir`` on ``args.images``: ``(rd document, lambda
+    rows, image names)``."""
+    from diffjax.codecs.foundation import FoundationCodec
+    from diffjax.eval.points import codec_point
+    from diffjax.eval.runner import evaluate_rd, load_images
+
+    kwargs, params, step = load_model(args.workdir, args.step, args.ema)
+    images = load_images(args.images, args.limit)
+    codecs = {int(v): FoundationCodec(int(v), **kwargs) for v in args.lambdas.split(",")}
+    points = [codec_point(c, params, curve=CURVE, label=f"lambda={lam}",
+                          setting={"quality": lam, "checkpoint": args.workdir, "step": step})
+              for lam, c in codecs.items()]
+    with tempfile.TemporaryDirectory(prefix="diffjax-foundation-") as tmp:  # read back, then gone
+        result = evaluate_rd(points, images, bitstream_dir=tmp, dataset="kodak")
+        rows = lambda_table(result, codecs, params, pathlib.Path(tmp))
+    return result, rows, [n for n, _ in images]
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ cell is a no-op outside Colab. The process writes a JSON summary of the final na
 Static checks: valid nbformat-4 JSON, no stored outputs, a markdown cell first and the
 guarded Colab install cell next, and imports limited to diffjax plus the standard library
 and the usual scientific packages (a notebook must work from an installed diffjax alone).
+The repository URL the Colab cell clones is ``setup.cfg``'s ``url`` (its one documented
+place), with no placeholder left in the notebooks or ``colab/README.md``.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import ast
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -146,6 +149,49 @@ def test_notebook_structure(path):
             assert mod in ALLOWED_IMPORTS or mod in sys.stdlib_module_names, (
                 f"{path.name} imports {mod!r}: notebooks may only use diffjax and standard "
                 "scientific packages")
+
+
+def _repo_url() -> str:
+    """``url`` of ``setup.cfg``'s ``[metadata]``: the repository's one documented URL."""
+    import configparser
+
+    cfg = configparser.ConfigParser(interpolation=None)
+    cfg.read(REPO_ROOT / "setup.cfg", encoding="utf-8")
+    url = cfg.get("metadata", "url", fallback="").strip()
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", url), (
+        f"setup.cfg [metadata] url must be the repository's GitHub URL, got {url!r}")
+    return url
+
+
+PLACEHOLDERS = re.compile(r"YOUR[-_]|<org>|<repo>|example\.(com|org)|github\.com/(org|user)/",
+                          re.I)
+GIT_URL = re.compile(r"https?://[^\s\"'()<>`]*\.git\b|https?://github\.com/[^\s\"'()<>`]+")
+
+
+def test_repo_url_has_one_source():
+    """Every notebook's Colab cell clones exactly setup.cfg's ``url``; no other repository
+    URL and no placeholder appear in the notebooks or the Colab README."""
+    url = _repo_url()
+    for path in NOTEBOOKS:
+        raw = path.read_text(encoding="utf-8")
+        assert not PLACEHOLDERS.search(raw), (f"{path.name}: placeholder "
+                                              f"{PLACEHOLDERS.search(raw).group(0)!r}")
+        setup = "".join(_load(path)["cells"][1]["source"])
+        m = re.search(r'^DIFFJAX_REPO = os\.environ\.get\("DIFFJAX_REPO", "([^"]+)"\)$',
+                      setup, re.M)
+        assert m, f"{path.name}: the Colab cell sets no DIFFJAX_REPO default"
+        assert m.group(1) in (url, url + ".git"), (
+            f"{path.name}: the Colab cell clones {m.group(1)!r}; setup.cfg's url is {url!r} "
+            f"(set the DIFFJAX_REPO default of cell 1 to {url + '.git'!r})")
+        assert '"git", "clone"' in setup and "DIFFJAX_REPO" in setup.split('"git", "clone"')[1]
+        others = {u.removesuffix(".git") for u in GIT_URL.findall(raw)} - {url}
+        assert not others, f"{path.name}: other repository URLs {sorted(others)}"
+    readme = (COLAB / "README.md").read_text(encoding="utf-8")
+    assert not PLACEHOLDERS.search(readme), PLACEHOLDERS.search(readme).group(0)
+    owner_repo = url.removeprefix("https://github.com/")
+    links = re.findall(r"colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/", readme)
+    assert links and set(links) == {owner_repo}, links
+    assert url in readme and "setup.cfg" in readme
 
 
 def _execute(path: pathlib.Path, tmp_path: pathlib.Path) -> dict:

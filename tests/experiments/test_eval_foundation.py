@@ -70,3 +70,87 @@ def test_refuses_a_workdir_of_another_task(tmp_path):
     train(config, str(wd), progress=False)
     with pytest.raises(InputError, match="hyperprior model, not a foundation model"):
         eval_foundation.load_model(str(wd))
+
+
+def _curve(bpps, psnrs, lpips, label="q"):
+    return [{"label": f"{label}={i}", "setting": {"quality": i}, "bpp": b, "psnr": p,
+             "ms_ssim": 1 - 10 ** (-p / 20), "ms_ssim_db": p / 2, "lpips": lp,
+             "enc_s": 0.1, "dec_s": 0.2, "per_image": []}
+            for i, (b, p, lp) in enumerate(zip(bpps, psnrs, lpips))]
+
+
+def _rd(curves, images=("a.png", "b.png"), **extra):
+    return {"format": "diffjax-rd/1", "dataset": {"name": "tiny", "images": [
+        {"name": n} for n in images]}, "settings": {}, "environment": {},
+            "curves": curves, "references": {}, **extra}
+
+
+def test_reuse_recombines_the_previous_foundation_curve(tmp_path):
+    """``--reuse DIR``: the foundation curve and lambda.json of DIR are kept as they were,
+    every other curve (and reference) comes from the new ``--combine`` file; no workdir,
+    no images, nothing evaluated."""
+    jpeg = _curve([0.2, 0.4, 0.8, 1.6], [25.0, 28.0, 31.0, 34.0], [0.4, 0.3, 0.2, 0.1])
+    ours = _curve([0.5, 0.9, 1.5], [24.0, 27.0, 30.0], [0.3, 0.2, 0.1], "lambda")
+    old_other = _curve([0.3, 0.6, 1.2], [26.0, 29.0, 32.0], [0.5, 0.4, 0.3])
+    new_other = _curve([0.2, 0.5, 1.0, 1.4], [27.0, 30.0, 33.0, 35.0], [0.3, 0.2, 0.1, 0.05])
+    prev = tmp_path / "prev"
+    prev.mkdir()
+    rows = [{"lambda": lam, "bpp": p["bpp"], "psnr": p["psnr"], "ms_ssim": p["ms_ssim"],
+             "lpips": p["lpips"], "t_mean": 0.1, "t_min": 0.05, "t_max": 0.2,
+             "steps_mean": 3.0, "steps_min": 2, "steps_max": 4, "dec_s": 1.0, "enc_s": 0.5}
+            for lam, p in zip((1, 5, 20), ours)]
+    (prev / "rd.json").write_text(json.dumps(_rd(
+        {"JPEG": jpeg, "residual (old)": old_other, eval_foundation.CURVE: ours},
+        references={"old ref": {"bpp": [0.1], "psnr": [20.0]}},
+        argv=["eval_foundation.py", "runs/x", "kodak"])))
+    (prev / "lambda.json").write_text(json.dumps(rows))
+    combine = tmp_path / "combine.json"
+    combine.write_text(json.dumps(_rd({"JPEG": jpeg, "residual (new)": new_other})))
+
+    out = tmp_path / "out"
+    assert eval_foundation.main(["--reuse", str(prev), "--out", str(out),
+                                 "--combine", str(combine)]) == 0
+    rd = json.loads((out / "rd.json").read_text())
+    assert list(rd["curves"]) == ["JPEG", "residual (new)", eval_foundation.CURVE]
+    assert rd["curves"][eval_foundation.CURVE] == ours
+    assert rd["curves"]["residual (new)"] == new_other
+    assert rd["references"] == {}  # the old combination's references are not carried over
+    assert rd["reused_from"] == {"folder": str(prev), "argv": ["eval_foundation.py", "runs/x",
+                                                                "kodak"]}
+    assert "--reuse" in rd["argv"]
+    assert json.loads((out / "lambda.json").read_text()) == rows
+    table = (out / "bd_rate.md").read_text()
+    assert "residual (new)" in table and "residual (old)" not in table
+    assert rd["bd_rate"]["anchor"] == "JPEG"
+    assert set(rd["bd_rate"]["psnr"]) == {"residual (new)", eval_foundation.CURVE}
+    for name in ("rd_psnr.png", "rd_lpips.png", "rd_ms_ssim.png", "lambda.png"):
+        assert (out / name).stat().st_size > 0
+
+    # reusing the output in place keeps the first provenance
+    assert eval_foundation.main(["--reuse", str(out), "--out", str(out),
+                                 "--combine", str(combine)]) == 0
+    again = json.loads((out / "rd.json").read_text())
+    assert again["curves"] == rd["curves"] and again["reused_from"] == rd["reused_from"]
+
+
+def test_reuse_errors(tmp_path):
+    with pytest.raises(SystemExit):  # --reuse with a workdir: argparse error
+        eval_foundation.main(["runs/x", "kodak", "--reuse", str(tmp_path), "--out", "o"])
+    with pytest.raises(SystemExit):  # neither a model nor --reuse
+        eval_foundation.main(["--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="not an output of this script"):
+        eval_foundation.main(["--reuse", str(tmp_path), "--out", str(tmp_path / "o")])
+    prev = tmp_path / "prev"
+    prev.mkdir()
+    (prev / "rd.json").write_text(json.dumps(_rd({eval_foundation.CURVE: _curve(
+        [0.5, 0.9], [24.0, 27.0], [0.3, 0.2])})))
+    (prev / "lambda.json").write_text("[]")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(_rd({"JPEG": _curve([0.2, 0.4], [25.0, 28.0], [0.4, 0.3])},
+                                    images=("c.png",))))
+    with pytest.raises(SystemExit, match="other images"):
+        eval_foundation.main(["--reuse", str(prev), "--out", str(tmp_path / "o"),
+                              "--combine", str(other)])
+    (prev / "rd.json").write_text(json.dumps(_rd({"JPEG": []})))
+    with pytest.raises(SystemExit, match="has no"):
+        eval_foundation.main(["--reuse", str(prev), "--out", str(tmp_path / "o")])
