@@ -31,6 +31,8 @@ examples:
       --motion-adapter animatediff-motion-adapter-v1-5-2          # -> UNetMotionModel
   diffjax convert control_v11p_sd15_canny.pth canny_cn --config sd15   (original ControlNet)
   diffjax convert sd-controlnet-canny canny_cn                       (diffusers ControlNet)
+  diffjax convert stable-diffusion-2-1/unet sd21_style --lora style.safetensors --lora-scale 0.8
+  diffjax convert --lora-only style.safetensors style_lora --config sd21   (LoRA tree alone)
 """
 
 
@@ -56,6 +58,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--motion-adapter", metavar="ADAPTER_SRC",
                         help="a diffusers MotionAdapter folder (AnimateDiff): SRC (an SD UNet) "
                              "plus the adapter become one UNetMotionModel")
+    parser.add_argument("--lora", metavar="FILE",
+                        help="merge this LoRA file (diffusers/peft, attention-processor or "
+                             "kohya .safetensors) into the UNet of SRC")
+    parser.add_argument("--lora-scale", type=float, default=1.0, metavar="S",
+                        help="LoRA strength: kernel + S * alpha / rank * down @ up (default 1)")
+    parser.add_argument("--lora-only", action="store_true",
+                        help="SRC is a LoRA file: write it as its own Orbax LoRA checkpoint "
+                             "(--config NAME|JSON checks it against that UNet)")
+    parser.add_argument("--lora-skip-text-encoder", action="store_true",
+                        help="ignore text-encoder LoRA keys instead of failing on them")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -63,6 +75,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from diffjax.convert.files import convert
 
+    if args.lora_only or args.lora:
+        from diffjax.convert import lora
+
+        if args.lora_only:
+            lora.lora_only(args.src, args.dst, config=args.config, overwrite=args.overwrite,
+                           skip_text_encoder=args.lora_skip_text_encoder)
+        else:
+            lora.convert_merged(args.src, args.dst, args.lora, scale=args.lora_scale,
+                                config=args.config, dtype=args.dtype,
+                                prediction_type=args.prediction_type, variant=args.variant,
+                                skip_text_encoder=args.lora_skip_text_encoder,
+                                overwrite=args.overwrite, progress=not args.no_progress)
+        return 0
     convert(args.src, args.dst, config=args.config, component=args.component, dtype=args.dtype,
             prediction_type=args.prediction_type, variant=args.variant,
             overwrite=args.overwrite, progress=not args.no_progress,

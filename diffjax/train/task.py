@@ -54,7 +54,9 @@ TASKS: dict[str, str] = {
     "residual": "diffjax.codecs.residual_train:ResidualTask",
     "foundation": "diffjax.codecs.foundation:FoundationTask",
     "latent_denoiser": "diffjax.codecs.latent_denoiser:LatentDenoiserTask",
+    "controlnet": "diffjax.train.controlnet:ControlNetTask",
     "lora_finetune": "diffjax.train.lora_finetune:LoraFinetuneTask",
+    "video_denoiser": "diffjax.train.video:VideoDenoiserTask",
 }
 
 
