@@ -25,6 +25,9 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "yes", "no"],
     "Call jax.distributed.initialize(): auto = when the environment has several processes.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+_STOP_AFTER_MINUTES = flags.DEFINE_float(
+    "stop_after_minutes", None, "Stop with a checkpoint once this much wall time has passed "
+    "(a lent accelerator's time slot); rerunning resumes exactly.")
 _STOP_AFTER = flags.DEFINE_integer(
     "stop_after", None, "Stop with a checkpoint at this step (fits a job's time slot); "
     "rerun to continue. The schedule still spans config.num_train_steps.")
@@ -102,7 +105,7 @@ def main(argv):
 
     try:
         train(config, _WORKDIR.value, progress=_PROGRESS.value,
-              stop_after=_STOP_AFTER.value)
+              stop_after=_STOP_AFTER.value, stop_after_minutes=_STOP_AFTER_MINUTES.value)
     except DiffjaxError as err:
         print(f"experiments.train: error: {err}", file=sys.stderr)
         return 2

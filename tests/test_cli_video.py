@@ -53,7 +53,7 @@ def test_compress_mp4_then_decompress_in_fresh_processes(clip, tmp_path):
     assert (info["codec"], info["frames"]) == ("intra", 6)
     _diffjax("decompress", tmp_path / "c.djx", "-o", tmp_path / "a.y4m", cwd=tmp_path)
     # the second process loads the compiled decoder from the persistent cache: same bytes
-    assert any((tmp_path / "cache").rglob("*decode*")) or any((tmp_path / "cache").rglob("*"))
+    assert any((tmp_path / "cache").rglob("*-cache"))
     _diffjax("decompress", tmp_path / "c.djx", "-o", tmp_path / "b.y4m", cwd=tmp_path)
     assert (tmp_path / "a.y4m").read_bytes() == (tmp_path / "b.y4m").read_bytes()
     decoded, dec_fps = read_video(tmp_path / "a.y4m")

@@ -99,14 +99,18 @@ def _initialise_from(state: st.TrainState, init_from: str, verbose: bool) -> st.
 
 
 def train(config, workdir: str | pathlib.Path, *, hooks: Iterable[Hook] = (),
-          progress: bool = True, stop_after: int | None = None):
+          progress: bool = True, stop_after: int | None = None,
+          stop_after_minutes: float | None = None):
     """Train (or resume) the experiment ``config`` in ``workdir``; returns the final state.
 
     ``hooks`` are called after every step as ``hook(step, state, metrics)`` (``metrics``
     is a dict of floats on logged steps, else ``None``). ``stop_after``: stop (with a
     checkpoint) once this step is reached, e.g. to fit a job's time slot; the schedule
     still follows ``config.num_train_steps`` so a later run continues exactly.
+    ``stop_after_minutes``: the same, once this much wall time has passed since the call
+    (single-process runs only: hosts of a pod would stop at different steps).
     """
+    started = time.perf_counter()
     cfg_dict = _to_dict(config)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -191,6 +195,9 @@ def train(config, workdir: str | pathlib.Path, *, hooks: Iterable[Hook] = (),
     from tqdm.auto import tqdm
 
     end = num_steps if stop_after is None else min(num_steps, int(stop_after))
+    if stop_after_minutes is not None and jax.process_count() > 1:
+        raise InputError("stop_after_minutes is for single-process runs; use stop_after")
+    deadline = None if stop_after_minutes is None else started + 60.0 * stop_after_minutes
     bar = tqdm(total=num_steps, initial=start, disable=not (progress and is_main),
                desc="train", unit="step", dynamic_ncols=True)
     last_saved = start
@@ -217,6 +224,12 @@ def train(config, workdir: str | pathlib.Path, *, hooks: Iterable[Hook] = (),
                 last_saved = done
             for hook in hooks:
                 hook(done, state, host_metrics)
+            if deadline is not None and time.perf_counter() > deadline and done < end:
+                if last_saved != done:
+                    ckpt.save(done, to_save(state), cfg_dict, force=True)
+                if is_main:
+                    print(f"diffjax train: time budget reached at step {done}; checkpoint saved")
+                break
             if ckpt.reached_preemption(done):
                 if last_saved != done:
                     ckpt.save(done, to_save(state), cfg_dict, force=True)

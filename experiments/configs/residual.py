@@ -23,6 +23,9 @@ separated):
   trained here (no accelerator was available); the shipped CPU model's top rate point is
   limited by its N=64/M=96 base (see its model card), which this config widens. BSDS500
   is small for this model: point ``--config.data.path`` at a larger non-Kodak folder;
+* ``shipped`` (with ``gpu``): the accelerator's training settings at the shipped model's
+  widths, so a run can start from the shipped weights (``--config.init_from=
+  diffjax/weights/residual``); ``experiments/device/residual.sh`` runs it on a lent GPU;
 * ``smoke``: a few steps of a tiny model on 64 px crops (CPU, seconds).
 
 The shipped model was trained in stages on a 2-core CPU, each started from the previous
@@ -59,10 +62,13 @@ LMBDAS = (0.0007, 0.0018, 0.0050, 0.0130, 0.0483)
 def get_config(arg: str = ""):
     args = parse_arg(arg)
     for a in args:
-        if a not in ("cpu", "gpu", "base", "enhance", "smoke"):
-            raise ValueError(f"unknown config argument {a!r}; use cpu, gpu, base, enhance, smoke")
+        if a not in ("cpu", "gpu", "shipped", "base", "enhance", "smoke"):
+            raise ValueError(f"unknown config argument {a!r}; use cpu, gpu, shipped, base, "
+                             "enhance, smoke")
     if {"cpu", "gpu"} <= args:
         raise ValueError("choose one of cpu and gpu")
+    if "shipped" in args and "gpu" not in args:
+        raise ValueError("'shipped' goes with 'gpu' (the GPU settings at the shipped widths)")
     c = get_base_config()
     c.task.name = "residual"
     k = c.task.kwargs
@@ -93,9 +99,10 @@ def get_config(arg: str = ""):
         k.rho = 0.9
         k.sampler_steps = 4  # the decoder's default (diffjax.codecs.residual.DEFAULT_STEPS)
     if "gpu" in args:
-        k.N, k.M = 128, 192
-        k.refiner_channels = (64, 128)
-        k.refiner_layers = 2
+        if "shipped" not in args:
+            k.N, k.M = 128, 192
+            k.refiner_channels = (64, 128)
+            k.refiner_layers = 2
         c.data.crop = 256
         c.data.num_threads = 8
         c.batch_size = 16

