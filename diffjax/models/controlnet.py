@@ -69,8 +69,6 @@ ENCODER_FIELDS = (
     "addition_embed_type", "addition_time_embed_dim", "num_class_embeds", "upcast_attention",
     "resnet_time_scale_shift", "projection_class_embeddings_input_dim",
     "addition_embed_type_num_heads")
-# Parameter subtrees copied from the UNet by from_unet (diffusers copies the same).
-ENCODER_PARAMS = ("conv_in", "time_embedding", "add_embedding", "down_blocks_", "mid_block")
 
 _ZERO_INIT = nn.with_logical_partitioning(nn.initializers.zeros_init(), CONV_AXES)
 _CONV_TEMPLATE = conv2d(1, dtype=jnp.float32, param_dtype=jnp.float32)  # unbound, for its conv
@@ -326,8 +324,24 @@ def check_compatible(controlnet: ControlNetModel, unet: UNet2DConditionModel) ->
                          + "; ".join(problems))
 
 
-def _is_encoder_param(name: str) -> bool:
-    return any(name == p or (p.endswith("_") and name.startswith(p)) for p in ENCODER_PARAMS)
+def controlnet_for_unet(unet: UNet2DConditionModel, *,
+                        conditioning_embedding_out_channels: Sequence[int] = (16, 32, 96, 256),
+                        conditioning_channels: int = 3,
+                        controlnet_conditioning_channel_order: str = "rgb",
+                        **overrides) -> ControlNetModel:
+    """The ControlNet module whose encoder copies ``unet``'s (the config half of
+    :func:`from_unet`); ``overrides``: runtime fields (dtype, remat, ...)."""
+    fields = {k: getattr(unet, k) for k in ENCODER_FIELDS}
+    if isinstance(fields["cross_attention_dim"], (list, tuple)):
+        fields["cross_attention_dim"] = fields["cross_attention_dim"][0]
+    module = ControlNetModel(
+        **fields, conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels),
+        conditioning_channels=conditioning_channels,
+        controlnet_conditioning_channel_order=controlnet_conditioning_channel_order,
+        **{"remat": unet.remat, "attention_implementation": unet.attention_implementation,
+           "dtype": unet.dtype, "param_dtype": unet.param_dtype, **overrides})
+    module.validate()
+    return module
 
 
 def from_unet(unet: UNet2DConditionModel, unet_params, key: jax.Array, *,
@@ -340,35 +354,36 @@ def from_unet(unet: UNet2DConditionModel, unet_params, key: jax.Array, *,
     ``mid_block``) takes the UNet's parameters; the condition encoder is freshly initialised
     from ``key`` (its ``conv_out`` at zero) and every zero convolution is zero (paper
     sec. 3.2). Returns ``(module, params)``; ``params`` shares the UNet's arrays (no copy).
+    Works on traced parameters too (inside ``jit`` / ``eval_shape``).
     """
-    fields = {k: getattr(unet, k) for k in ENCODER_FIELDS}
-    if isinstance(fields["cross_attention_dim"], (list, tuple)):
-        fields["cross_attention_dim"] = fields["cross_attention_dim"][0]
-    module = ControlNetModel(
-        **fields, conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels),
+    module = controlnet_for_unet(
+        unet, conditioning_embedding_out_channels=conditioning_embedding_out_channels,
         conditioning_channels=conditioning_channels,
-        controlnet_conditioning_channel_order=controlnet_conditioning_channel_order,
-        **{"remat": unet.remat, "attention_implementation": unet.attention_implementation,
-           "dtype": unet.dtype, "param_dtype": unet.param_dtype, **overrides})
-    module.validate()
+        controlnet_conditioning_channel_order=controlnet_conditioning_channel_order, **overrides)
     args, kwargs = module.dummy_inputs()
-    unet_params = flax.core.unfreeze(unet_params)
     if not load_weights_from_unet:
         params = jax.jit(lambda k: nn.meta.unbox(module.init(k, *args, **kwargs)["params"]))(key)
         return module, params
+    unet_params = nn.meta.unbox(flax.core.unfreeze(unet_params))
+    # Shapes only (tracing, no compilation): the encoder comes from the UNet, the zero convs
+    # are zeros, and only the small condition encoder is initialised for real.
     abstract = jax.eval_shape(lambda: nn.meta.unbox(module.init(key, *args, **kwargs)["params"]))
-    fresh_names = [k for k in abstract if not _is_encoder_param(k)]
-    fresh = jax.jit(lambda k: {n: v for n, v in nn.meta.unbox(
-        module.init(k, *args, **kwargs)["params"]).items() if n in fresh_names})(key)
-    params = dict(fresh)
+    emb = ControlNetConditioningEmbedding(
+        module.block_out_channels[0], tuple(module.conditioning_embedding_out_channels),
+        dtype=module.dtype, param_dtype=module.param_dtype)
+    params = {"controlnet_cond_embedding": _init_without_forward(
+        emb, key, jnp.zeros(args[3].shape, module.dtype))}
     missing, mismatched = [], []
-    for name in abstract:
-        if name in fresh:
+    for name, spec in abstract.items():
+        if name.startswith("controlnet_down_blocks_") or name == "controlnet_mid_block":
+            params[name] = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), spec)
+            continue
+        if name == "controlnet_cond_embedding":
             continue
         if name not in unet_params:
             missing.append(name)
             continue
-        want = jax.tree.map(lambda a: tuple(a.shape), abstract[name])
+        want = jax.tree.map(lambda a: tuple(a.shape), spec)
         got = jax.tree.map(lambda a: tuple(np.shape(a)), unet_params[name])
         if want != got:
             mismatched.append(name)
@@ -379,6 +394,39 @@ def from_unet(unet: UNet2DConditionModel, unet_params, key: jax.Array, *,
         raise CheckpointMismatchError("UNet parameters for ControlNet.from_unet",
                                       missing=missing, mismatched=mismatched)
     return module, params
+
+
+def _init_without_forward(module: ControlNetConditioningEmbedding, key, example) -> dict:
+    """The condition encoder's initial parameters from the shapes alone: LeCun-normal
+    kernels (``N(0, 1 / fan_in)``), zero biases, zero ``conv_out``.
+
+    Drawn on the host with numpy, seeded by ``key`` (through ``pure_callback`` when ``key``
+    is traced): compiling ``init``'s convolutions or the threefry sampler costs minutes of
+    XLA:CPU compile time on a busy machine for a few thousand numbers.
+    """
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(module.init(key, example)["params"]))
+    names = sorted(shapes)
+
+    def draw(words):
+        rng = np.random.default_rng(np.asarray(words, np.uint32).reshape(-1).tolist())
+        out = []
+        for name in names:
+            kernel, bias = shapes[name]["kernel"], shapes[name]["bias"]
+            fan_in = int(np.prod(kernel.shape[:-1]))
+            w = rng.standard_normal(kernel.shape) / np.sqrt(fan_in)
+            out.append(np.zeros(kernel.shape, kernel.dtype) if name == "conv_out"
+                       else w.astype(kernel.dtype))
+            out.append(np.zeros(bias.shape, bias.dtype))
+        return out
+
+    words = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    specs = [jax.ShapeDtypeStruct(shapes[n][leaf].shape, shapes[n][leaf].dtype)
+             for n in names for leaf in ("kernel", "bias")]
+    if isinstance(words, jax.core.Tracer):
+        leaves = jax.pure_callback(draw, specs, words)
+    else:
+        leaves = [jnp.asarray(a) for a in draw(np.asarray(words))]
+    return {n: {"kernel": leaves[2 * i], "bias": leaves[2 * i + 1]} for i, n in enumerate(names)}
 
 
 def zero_residuals_like(controlnet: ControlNetModel, params) -> dict:
