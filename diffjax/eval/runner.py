@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from diffjax.errors import InputError
 from diffjax.eval.points import RatePoint
+from diffjax.io.images import IMAGE_SUFFIXES  # noqa: F401  (re-exported)
 from diffjax.metrics import (
     bd_rate,
     extract_patches,
@@ -44,32 +45,20 @@ from diffjax.metrics import (
 )
 from diffjax.metrics.structural import MS_SSIM_WEIGHTS
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 RESULT_FORMAT = "diffjax-rd/1"
 _MS_SSIM_MIN_SIDE = 10 * 2 ** (len(MS_SSIM_WEIGHTS) - 1)  # (win - 1) * 2^4 = 160
 
 
 def load_images(folder: str | pathlib.Path, limit: int | None = None
                 ) -> list[tuple[str, np.ndarray]]:
-    """``[(file name, uint8 [H, W, 3])]`` of the images in ``folder`` (sorted by name)."""
-    from PIL import Image, UnidentifiedImageError
+    """``[(file name, uint8 [H, W, 3])]`` of the images in ``folder`` (sorted by name),
+    read by :func:`diffjax.io.images.read_image`."""
+    from diffjax.io.images import list_images, read_image
 
-    folder = pathlib.Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: not a directory of images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if limit is not None:
-        files = files[:limit]
+    files = list_images(folder, limit)
     if not files:
         raise InputError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    out = []
-    for p in files:
-        try:
-            with Image.open(p) as im:
-                out.append((p.name, np.asarray(im.convert("RGB"))))
-        except (UnidentifiedImageError, OSError) as err:
-            raise InputError(f"{p}: unreadable image ({err})") from err
-    return out
+    return [(p.name, read_image(p, mode="rgb")) for p in files]
 
 
 @functools.lru_cache(maxsize=None)

@@ -53,23 +53,11 @@ def list_files(root: str | os.PathLike, extensions: Sequence[str], *,
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file to uint8 RGB ``[H, W, 3]`` (grayscale/alpha are converted).
+    """Decode an image file to uint8 RGB ``[H, W, 3]``: :func:`diffjax.io.images.read_image`
+    (grayscale repeated, alpha dropped, 16-bit images reduced to their high byte)."""
+    from diffjax.io.images import read_image
 
-    16-bit grayscale (PIL modes ``I;16*``/``I``) is reduced to its high byte: PIL's own
-    ``convert("RGB")`` clips such images to 255, which would silently turn them white.
-    """
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            if im.mode.startswith("I"):  # "I;16", "I;16B", "I" (32-bit int, 16-bit data)
-                gray = np.asarray(im).astype(np.int64)
-                if im.mode.startswith("I;16") or gray.max(initial=0) > 255:
-                    gray = np.clip(gray, 0, 65535) >> 8
-                return np.repeat(gray.astype(np.uint8)[..., None], 3, axis=-1)
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as err:  # PIL raises these on bad files
-        raise InputError(f"cannot decode image {str(path)!r}: {err}") from err
+    return read_image(path, mode="rgb")
 
 
 class ImageFolderSource:

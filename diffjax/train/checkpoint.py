@@ -123,11 +123,24 @@ def read_workdir_params(workdir: str | os.PathLike, *, step: int | None = None,
         workdir = workdir.parent
     if not workdir.exists():
         raise CheckpointError(f"{str(workdir)!r}: no such training workdir")
-    try:
-        cfg = json.loads((workdir / "config.json").read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{str(workdir)!r} is not a training workdir "
-                              f"(config.json + checkpoints/): {err}") from err
+    if (workdir / "config.json").is_file():
+        try:
+            cfg = json.loads((workdir / "config.json").read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{str(workdir)!r}: unreadable config.json: {err}") from err
+    else:  # a bare checkpoints/ folder: the config saved beside each step
+        step = latest_step(workdir) if step is None else int(step)
+        if not (workdir / "checkpoints" / str(step) / "config").is_dir():
+            raise CheckpointError(f"{str(workdir)!r} is not a training workdir "
+                                  "(config.json + checkpoints/)")
+        manager = Checkpointer(workdir / "checkpoints", save_every=1, async_save=False)
+        try:
+            cfg = manager.restore_config(step)
+        except Exception as err:  # orbax raises many types
+            raise CheckpointError(f"cannot read the config of {workdir}/checkpoints/{step}: "
+                                  f"{err}") from err
+        finally:
+            manager.close()
     name = cfg.get("task", {}).get("name")
     if task is not None and name != task:
         raise CheckpointError(f"{str(workdir)!r} is a {name!r} run, not a {task!r} run")
