@@ -179,3 +179,29 @@ def test_demo_prints_table_and_saves_png(model_dir, tmp_path, capsys):
     assert all(5 < p < 60 for p in psnrs)
     with Image.open(out_png) as im:
         assert im.size[1] == 2 * (256 + 4)
+
+
+def test_help_does_not_import_jax():
+    """``diffjax --help`` and the commands' parsers stay instant: no jax import."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from diffjax import cli; cli.build_parser().format_help(); "
+            "print('jax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_steps_limits_agree_with_the_codec():
+    from diffjax.codecs.residual import DEFAULT_STEPS, MAX_STEPS
+    from diffjax.commands import compress, demo
+
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    compress.add_arguments(parser)
+    assert f"0 to {MAX_STEPS} " in " ".join(parser.format_help().split())
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    assert parser.get_default("steps") == DEFAULT_STEPS

@@ -28,8 +28,6 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffjax.codecs.residual import MAX_STEPS
-
     parser.description = (HELP + ". Grayscale stays grayscale; an alpha channel is stored "
                           "losslessly; 16-bit images keep their high byte.")
     parser.epilog = _EPILOG
@@ -43,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quality", type=cc.positive_int, default=None,
                         help=cc.quality_help())
     parser.add_argument("--steps", type=cc.positive_int, default=None,
-                        help=f"diffusion refinement steps the decoder runs, 0 to {MAX_STEPS} "
+                        help="diffusion refinement steps the decoder runs, 0 to 100 "
                              "(0 = base-only decoding: fastest, highest PSNR); default: the "
                              "model's (4 for the shipped residual model); codecs with steps only")
     parser.add_argument("--frames", type=cc.positive_int, default=None, metavar="N",

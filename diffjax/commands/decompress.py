@@ -25,16 +25,14 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffjax.codecs.residual import MAX_STEPS
-
     parser.epilog = _EPILOG
     parser.add_argument("input", help=".djx file written by `diffjax compress`")
     parser.add_argument("-o", "--output",
                         help="output image or video (default: INPUT with .png for images, "
                              ".y4m for video)")
     parser.add_argument("--steps", type=cc.positive_int, default=None,
-                        help=f"override the refinement steps stored in the file (0 to "
-                             f"{MAX_STEPS}; 0 = base only); codecs with steps only")
+                        help="override the refinement steps stored in the file (0 to 100; "
+                             "0 = base only); codecs with steps only")
     cc.add_model_argument(parser)
 
 

@@ -20,12 +20,10 @@ _EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffjax.codecs.residual import DEFAULT_STEPS
-
     parser.add_argument("--images", metavar="DIR", default=None,
                         help="folder of images to use instead of scikit-image's sample photos")
     parser.add_argument("-q", "--quality", type=cc.positive_int, default=None, help=cc.quality_help())
-    parser.add_argument("--steps", type=cc.positive_int, default=DEFAULT_STEPS,
+    parser.add_argument("--steps", type=cc.positive_int, default=4,
                         help="refinement steps of the refined decoder; default %(default)s")
     parser.add_argument("--limit", type=_at_least_one, default=8,
                         help="at most this many images (1 or more); default %(default)s")
