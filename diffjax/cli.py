@@ -25,6 +25,7 @@ COMMANDS = {
     "decompress": "diffjax.commands.decompress",
     "demo": "diffjax.commands.demo",
     "eval": "diffjax.commands.eval",
+    "export": "diffjax.commands.export",
 }
 
 
