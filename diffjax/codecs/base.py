@@ -107,28 +107,25 @@ class VideoCodec(abc.ABC):
         return np.stack(list(self.decode_frames(params, data, **options)))
 
 
-def check_frames(frames: Any) -> np.ndarray:
-    """Validate a video codec input: a uint8 ``[T, H, W, 3]`` array with T, H, W >= 1."""
+def _check_uint8_rgb(x: Any, ndim: int, what: str, layout: str) -> np.ndarray:
     from diffjax.errors import InputError
 
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8:
-        raise InputError(f"expected uint8 frames, got dtype {frames.dtype}")
-    if frames.ndim != 4 or frames.shape[-1] != 3 or min(frames.shape[:3]) < 1:
-        raise InputError(f"expected RGB frames [T, H, W, 3], got shape {frames.shape}")
-    return frames
+    x = np.asarray(x)
+    if x.dtype != np.uint8:
+        raise InputError(f"expected uint8 {what}, got dtype {x.dtype}")
+    if x.ndim != ndim or x.shape[-1] != 3 or min(x.shape[:-1]) < 1:
+        raise InputError(f"expected RGB {what} {layout}, got shape {x.shape}")
+    return x
+
+
+def check_frames(frames: Any) -> np.ndarray:
+    """Validate a video codec input: a uint8 ``[T, H, W, 3]`` array with T, H, W >= 1."""
+    return _check_uint8_rgb(frames, 4, "frames", "[T, H, W, 3]")
 
 
 def check_image(image: Any) -> np.ndarray:
     """Validate a codec input: a uint8 ``[H, W, 3]`` array with H, W >= 1."""
-    from diffjax.errors import InputError
-
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise InputError(f"expected a uint8 image, got dtype {image.dtype}")
-    if image.ndim != 3 or image.shape[-1] != 3 or min(image.shape[:2]) < 1:
-        raise InputError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
-    return image
+    return _check_uint8_rgb(image, 3, "image", "[H, W, 3]")
 
 
 def pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
