@@ -176,7 +176,9 @@ def dataset_from_config(cfg: Mapping[str, Any], *, global_batch_size: int, seed:
     """Build a pipeline from the ``config.data`` section of an experiment config.
 
     ``kind``: ``"images"`` (``path``, ``crop``), ``"video"`` (``path``, ``num_frames``,
-    ``crop``, ``video_kind``) or ``"tfds"`` (``name``, ``split``, ``data_dir``, ``crop``,
+    ``crop``, ``video_kind``), ``"conditioned_images"`` (``path``, ``crop``, ``condition``:
+    ``{"image", "cond"}`` batches, :mod:`diffjax.input.conditions`) or ``"tfds"`` (``name``,
+    ``split``, ``data_dir``, ``crop``,
     and ``num_frames`` for video datasets: a dataset prepared in array_record format by
     :mod:`diffjax.input.tfds_builders`, read by grain through ``as_data_source``; image
     datasets give ``{"image"}`` batches, video ones ``{"video"}`` clips).
@@ -190,6 +192,12 @@ def dataset_from_config(cfg: Mapping[str, Any], *, global_batch_size: int, seed:
         return video_dataset(cfg["path"], num_frames=int(cfg["num_frames"]), crop=_crop(cfg),
                              global_batch_size=global_batch_size, seed=seed, flip=flip,
                              kind=cfg.get("video_kind", "auto"), **shard)
+    if kind == "conditioned_images":  # (image, condition) pairs for ControlNet training
+        from diffjax.input import conditions
+
+        return conditions.conditioned_image_dataset(
+            cfg["path"], crop=_crop(cfg), condition=dict(cfg["condition"]),
+            global_batch_size=global_batch_size, seed=seed, flip=flip, **shard)
     if kind == "tfds":
         from diffjax.input import tfds_builders
 
@@ -203,7 +211,8 @@ def dataset_from_config(cfg: Mapping[str, Any], *, global_batch_size: int, seed:
             transform = transforms.CropFlipImage(h, w, flip)
         return batched_dataset(source, transform, global_batch_size=global_batch_size,
                                seed=seed, **shard)
-    raise InputError(f"unknown data kind {kind!r}; use 'images', 'video' or 'tfds'")
+    raise InputError(f"unknown data kind {kind!r}; use 'images', 'video', "
+                     "'conditioned_images' or 'tfds'")
 
 
 def _crop(cfg: Mapping[str, Any]) -> tuple[int, int]:
