@@ -57,7 +57,6 @@ TASKS: dict[str, str] = {
     "controlnet": "diffjax.train.controlnet:ControlNetTask",
     "lora_finetune": "diffjax.train.lora_finetune:LoraFinetuneTask",
     "video_denoiser": "diffjax.train.video:VideoDenoiserTask",
-    "video_denoiser": "diffjax.train.video:VideoDenoiserTask",
 }
 
 
