@@ -127,8 +127,6 @@ def test_diffusers_conversion_is_strict(cn_case, tmp_path):
 @pytest.mark.slow
 def test_full_sd15_controlnet_matches_diffusers(tmp_path):
     """The released SD 1.5 ControlNet architecture (from_unet of the SD 1.5 UNet config)."""
-    from diffusers import ControlNetModel as TorchControlNet
-
     from diffjax.convert import convert_diffusers_state_dict
     from diffjax.convert.controlnet_ldm import controlnet_config_from_unet
     from diffjax.convert.presets import SD15_UNET
@@ -144,8 +142,8 @@ def test_full_sd15_controlnet_matches_diffusers(tmp_path):
     params = convert_diffusers_state_dict(dict(model.config), model.state_dict())
     del model
     module = ControlNetModel.from_config(config)
-    down, mid = module.apply({"params": params}, inputs["sample"], inputs["timesteps"],
-                             inputs["context"], cond, conditioning_scale=0.8)
+    down, mid = cn_fn(module)(params, inputs["sample"], inputs["timesteps"], inputs["context"],
+                              cond, 0.8)
     assert len(down) == 12
     for got, want in zip(down, want_down):
         assert cref.rel_error(got, want) <= TOL

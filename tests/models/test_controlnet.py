@@ -167,3 +167,60 @@ def test_controlnet_not_matching_the_unet_is_a_clear_error():
         check_compatible(cn, UNET.clone(layers_per_block=2))
     with pytest.raises(InputError, match="share one encoder"):
         MultiControlNet((cn, cn.clone(layers_per_block=2)))
+
+
+def test_per_frame_controlnet_guides_a_video_unet():
+    """One image ControlNet guides every frame of a video UNet (AnimateDiff-style motion
+    UNet on the same SD encoder): per-frame residuals ``[B, F, ...]``; zero convs at zero
+    leave the video UNet unchanged, trained ones change it."""
+    from diffjax.models.unet3d import UNetMotionModel
+
+    _, cn, p = setup_models()
+    keys = ("in_channels", "out_channels", "block_out_channels", "layers_per_block",
+            "norm_num_groups", "cross_attention_dim", "attention_head_dim", "down_block_types",
+            "up_block_types")
+    video = UNetMotionModel.from_unet2d(
+        {k: getattr(UNET, k) for k in keys},
+        dict(block_out_channels=(16, 32), motion_layers_per_block=1,
+             motion_num_attention_heads=2, motion_norm_num_groups=8, motion_max_seq_length=8))
+    args, kw = video.dummy_inputs()
+    shapes = nn.unbox(jax.eval_shape(lambda: video.init(jax.random.PRNGKey(0), *args, **kw)))
+    vp = host_random_params(shapes["params"], 1)
+    x, t, ctx, cond = inputs()
+    frames_x = jnp.stack([x, 0.5 * x], axis=1)              # [B, F=2, H, W, 4]
+    frames_c = jnp.stack([cond, 1.0 - cond], axis=1)        # [B, F=2, 8H, 8W, 3]
+
+    @jax.jit
+    def run(vp, cp):
+        down, mid = per_frame(lambda xs, cs, tt, cc: cn.apply({"params": cp}, xs, tt, cc, cs),
+                              frames_x, frames_c, repeat=(t, ctx))
+        guided = video.apply({"params": vp}, frames_x, t, ctx,
+                             down_block_additional_residuals=down,
+                             mid_block_additional_residual=mid)
+        return guided, video.apply({"params": vp}, frames_x, t, ctx)
+
+    guided, plain = run(vp, p)
+    np.testing.assert_allclose(np.asarray(guided), np.asarray(plain), rtol=0, atol=1e-6)
+    trained = dict(p, controlnet_mid_block=randomize(p["controlnet_mid_block"], 6))
+    guided, plain = run(vp, trained)
+    assert np.abs(np.asarray(guided) - np.asarray(plain)).max() > 1e-3
+
+
+def test_controlnet_config_of_the_sd_presets():
+    """What ``diffjax convert ctrl.pth --config sd15`` builds for an original ControlNet."""
+    from diffjax.convert.controlnet_ldm import controlnet_config_from_unet, controlnet_renamer
+    from diffjax.convert.presets import SD15_UNET, SD21_UNET
+
+    cn15 = ControlNetModel.from_config(controlnet_config_from_unet(SD15_UNET))
+    assert cn15.num_skips == 12 and cn15.condition_factor == 8
+    check_compatible(cn15, UNet2DConditionModel.from_config(SD15_UNET))
+    cn21 = ControlNetModel.from_config(controlnet_config_from_unet(SD21_UNET))
+    assert cn21.use_linear_projection and cn21.cross_attention_dim == 1024
+    rename = controlnet_renamer(cn15.to_config())
+    assert rename("input_hint_block.14.weight", ()) == ("controlnet_cond_embedding.conv_out.weight", "")
+    assert rename("input_hint_block.12.bias", ()) == ("controlnet_cond_embedding.blocks.5.bias", "")
+    assert rename("input_hint_block.13.weight", ()) is None  # a SiLU has no weights
+    assert rename("zero_convs.11.0.weight", ()) == ("controlnet_down_blocks.11.weight", "")
+    assert rename("middle_block_out.0.bias", ()) == ("controlnet_mid_block.bias", "")
+    assert rename("input_blocks.3.0.op.weight", ()) == ("down_blocks.0.downsamplers.0.conv.weight", "")
+    assert rename("output_blocks.0.0.in_layers.0.weight", ()) is None
