@@ -110,9 +110,10 @@ def worker_diffusers(row: str, repeats: int) -> dict:
     with torch.no_grad():
         if kind == "UNet3DConditionModel":
             model = UNet3DConditionModel(**cfg).eval()
-        else:
-            model = UNetMotionModel.from_unet2d(UNet2DConditionModel(**cfg[0]),
-                                                MotionAdapter(**cfg[1])).eval()
+        else:  # from_unet2d on meta-device parts: only the motion UNet takes memory
+            with torch.device("meta"):
+                parts = UNet2DConditionModel(**cfg[0]), MotionAdapter(**cfg[1])
+            model = UNetMotionModel.from_unet2d(*parts, load_weights=False).eval()
     x, t, c = _inputs(ctx_dim)
     xt = torch.from_numpy(x).permute(0, 4, 1, 2, 3)
     ct = torch.from_numpy(c)
