@@ -131,8 +131,9 @@ def test_full_sd15_controlnet_matches_diffusers(tmp_path):
     from diffjax.convert.controlnet_ldm import controlnet_config_from_unet
     from diffjax.convert.presets import SD15_UNET
 
-    config = {k: v for k, v in controlnet_config_from_unet(SD15_UNET).items()
-              if not k.startswith("_")}
+    config = {k: v for k, v in controlnet_config_from_unet(
+        SD15_UNET, conditioning_embedding_out_channels=(16, 32, 96, 256)).items()
+        if not k.startswith("_")}
     model = cref.build_controlnet(config, seed=5)
     assert sum(p.numel() for p in model.parameters()) > 300e6  # the real 361 M network
     unet_cfg = dict(SD15_UNET, in_channels=4)
