@@ -40,14 +40,23 @@ FRAMES, SIZE, TOKENS = 8, 32, 77
 NEED_GB = {"modelscope": 12.0, "animatediff": 9.0}  # weights (fp32) + working memory
 
 
-def _configs(row: str):
+def _configs(row: str, width_divisor: int = 1):
+    """``(class, config(s), context width)``; ``width_divisor > 1`` divides every block width
+    (and ModelScope's head width), keeping depth and head counts: NOT the target configs,
+    for machines without the RAM for the full models."""
     from diffjax.convert import presets, video
 
+    k = int(width_divisor)
+    narrow = lambda cfg: {**cfg, "block_out_channels": [c // k for c in cfg["block_out_channels"]]}  # noqa: E731
     if row == "modelscope":
-        cfg = {k: v for k, v in video.MODELSCOPE_T2V_UNET.items() if not k.startswith("_")}
+        cfg = {k_: v for k_, v in video.MODELSCOPE_T2V_UNET.items() if not k_.startswith("_")}
+        if k > 1:
+            cfg = {**narrow(cfg), "attention_head_dim": cfg["attention_head_dim"] // k}
         return "UNet3DConditionModel", cfg, 1024
-    unet = {k: v for k, v in presets.SD15_UNET.items() if not k.startswith("_")}
-    adapter = {k: v for k, v in video.ANIMATEDIFF_V1_5_2_ADAPTER.items() if not k.startswith("_")}
+    unet = {k_: v for k_, v in presets.SD15_UNET.items() if not k_.startswith("_")}
+    adapter = {k_: v for k_, v in video.ANIMATEDIFF_V1_5_2_ADAPTER.items() if not k_.startswith("_")}
+    if k > 1:
+        unet, adapter = narrow(unet), narrow(adapter)
     return "UNetMotionModel", (unet, adapter), 768
 
 
@@ -69,7 +78,7 @@ def _time(fn, repeats: int) -> tuple[float, float]:
     return first, statistics.median(runs)
 
 
-def worker_diffjax(row: str, repeats: int) -> dict:
+def worker_diffjax(row: str, repeats: int, width_divisor: int = 1) -> dict:
     import flax.linen as nn
     import jax
 
@@ -77,7 +86,7 @@ def worker_diffjax(row: str, repeats: int) -> dict:
     from diffjax.models.unet3d import UNet3DConditionModel, UNetMotionModel
     from diffjax.nn.layers import host_random_params
 
-    kind, cfg, ctx_dim = _configs(row)
+    kind, cfg, ctx_dim = _configs(row, width_divisor)
     module = (UNet3DConditionModel.from_config(cfg) if kind == "UNet3DConditionModel"
               else UNetMotionModel.from_unet2d(*cfg))
     x, t, c = _inputs(ctx_dim)
@@ -101,11 +110,11 @@ def worker_diffjax(row: str, repeats: int) -> dict:
                 xla_temp_gb=None if temp is None else temp / 2 ** 30)
 
 
-def worker_diffusers(row: str, repeats: int) -> dict:
+def worker_diffusers(row: str, repeats: int, width_divisor: int = 1) -> dict:
     import torch
     from diffusers import MotionAdapter, UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
 
-    kind, cfg, ctx_dim = _configs(row)
+    kind, cfg, ctx_dim = _configs(row, width_divisor)
     torch.manual_seed(0)
     with torch.no_grad():
         if kind == "UNet3DConditionModel":
@@ -131,9 +140,10 @@ def _free_gb() -> float:
     return info["MemAvailable"] / 2 ** 20
 
 
-def _child(lib: str, row: str, repeats: int) -> dict:
+def _child(lib: str, row: str, repeats: int, width_divisor: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--worker", lib, "--rows", row,
-                          "--repeats", str(repeats)], capture_output=True, text=True)
+                          "--repeats", str(repeats), "--width-divisor", str(width_divisor)],
+                         capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"{lib} {row} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -145,12 +155,15 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-free-gb", type=float, default=None,
                         help="skip a row when less memory is available (default: per row)")
+    parser.add_argument("--width-divisor", type=int, default=1,
+                        help="divide every block width by this (NOT the target configs; for "
+                             "machines without the RAM for the full models)")
     parser.add_argument("--worker", choices=("diffjax", "diffusers"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
         fn = worker_diffjax if args.worker == "diffjax" else worker_diffusers
-        result = fn(args.rows[0], args.repeats)
+        result = fn(args.rows[0], args.repeats, args.width_divisor)
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         print(json.dumps(result))
         return 0
@@ -163,15 +176,17 @@ def main(argv=None) -> int:
           f"load average {load0[0]:.1f}, {_free_gb():.1f} GB available")
     results = []
     for row in args.rows:
-        need = args.min_free_gb or NEED_GB[row]
+        need = args.min_free_gb or NEED_GB[row] / args.width_divisor ** 2
         if _free_gb() < need:
             print(f"skipping {row}: {_free_gb():.1f} GB available, needs {need:.0f} GB")
             continue
-        theirs = _child("diffusers", row, args.repeats)
-        ours = _child("diffjax", row, args.repeats)
+        theirs = _child("diffusers", row, args.repeats, args.width_divisor)
+        ours = _child("diffjax", row, args.repeats, args.width_divisor)
         results.append((row, ours, theirs))
         print(f"{row}: diffjax {ours}, diffusers {theirs}", flush=True)
     load1 = os.getloadavg()
+    if args.width_divisor > 1:
+        print(f"\nWIDTHS DIVIDED BY {args.width_divisor}: not the target configurations")
     print(f"\nmedian of {args.repeats} runs, batch 1, {FRAMES} frames, {SIZE}x{SIZE} latent, fp32 "
           f"(load average {load0[0]:.1f} -> {load1[0]:.1f})")
     print("| row | params | diffjax (s) | diffusers (s) | diffjax / diffusers | diffjax compile (s) "
