@@ -27,8 +27,7 @@ examples:
   diffjax convert sd_xl_base_1.0.safetensors sdxl_vae --config sdxl --component vae
   diffjax convert text-to-video-ms-1.7b/unet ms_t2v_unet          # UNet3DConditionModel
   diffjax convert text2video_pytorch_model.pth ms_t2v --config modelscope-t2v
-  diffjax convert stable-diffusion-v1-5/unet animatediff \
-      --motion-adapter animatediff-motion-adapter-v1-5-2          # -> UNetMotionModel
+  diffjax convert sd15/unet animatediff --motion-adapter animatediff-motion-adapter-v1-5-2
   diffjax convert control_v11p_sd15_canny.pth canny_cn --config sd15   (original ControlNet)
   diffjax convert sd-controlnet-canny canny_cn                       (diffusers ControlNet)
   diffjax convert stable-diffusion-2-1/unet sd21_style --lora style.safetensors --lora-scale 0.8
