@@ -50,7 +50,7 @@ def get_config(arg: str = ""):
     # REQUIRED (except smoke): the converted SD 2.1 unet/ and vae/ directories
     kw.unet = dict(TINY_UNET) if smoke else ""
     kw.vae = dict(TINY_VAE) if smoke else ""
-    kw.targets = "to_q|to_k|to_v|to_out.0"
+    kw.targets = ["to_q", "to_k", "to_v", "to_out.0"]   # peft-style names / regexes
     kw.rank = 4
     kw.alpha = 4.0
     kw.prediction_type = "v_prediction"   # SD 2.1 768-v
