@@ -7,8 +7,9 @@ temporal layers below, each a residual branch that is zero-initialised so that a
 video UNet starts as the image UNet applied frame by frame:
 
 * :class:`TemporalConvLayer` - four ``GN -> SiLU -> conv(3x1x1)`` stages with a residual
-  (ModelScope text-to-video, Wang et al. 2023, "ModelScope Text-to-Video Technical
-  Report", sec. 3.2; diffusers ``TemporalConvLayer``). The last conv is zero-initialised.
+  (the temporal convolution of ModelScope's spatio-temporal blocks, Wang et al. 2023,
+  "ModelScope Text-to-Video Technical Report"; diffusers ``TemporalConvLayer``). The last
+  conv is zero-initialised.
 * :class:`TransformerTemporalModel` - GroupNorm, ``proj_in``, transformer blocks whose
   self-attention runs over the frames at every spatial position, ``proj_out``, residual
   (ModelScope's temporal attention; diffusers ``TransformerTemporalModel``). With
