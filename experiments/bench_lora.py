@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         loss = torch.mean((theirs(xt, tt, ct).sample - nt) ** 2)
         loss.backward()
         t_opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     # ---- diffjax: the same adapter init (peft's down, up = 0)
     lora = L.init(jax.random.PRNGKey(0), params, TARGETS, RANK, ALPHA)
