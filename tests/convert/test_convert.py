@@ -136,4 +136,5 @@ def test_model_from_config_dicts():
     assert unet.transformer_layers_per_block == (1, 2)  # lists become hashable tuples
     assert isinstance(build_model(ref.TINY_VAE), AutoencoderKL)
     with pytest.raises(InputError, match="unsupported model class"):
-        build_model({"_class_name": "ControlNetModel"})
+        build_model({"_class_name": "PriorTransformer"})
+    assert type(build_model({"_class_name": "ControlNetModel"})).__name__ == "ControlNetModel"
