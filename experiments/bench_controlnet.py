@@ -71,11 +71,10 @@ def main(argv=None) -> int:
 
     import jax
     import torch
-    from safetensors.torch import save_file
 
     import diffjax.compile
     from diffjax.convert import build_model, convert_diffusers_state_dict
-    from diffjax.convert.sources import SafetensorsFile
+    from diffjax.convert.sources import DictSource
     from diffjax.models.controlnet import controlled_apply_fn
 
     load0 = os.getloadavg()
@@ -109,16 +108,25 @@ def main(argv=None) -> int:
             theirs_runs.append(time.perf_counter() - t0)
         plain = unet_t(xt, tt, ct).sample.permute(0, 2, 3, 1).numpy()
     cn_config = dict(cn_t.config)
-    # through safetensors files, so the torch models are freed before conversion
+    # through .npy files (one per tensor, read back memory-mapped), so the torch models are
+    # freed before conversion and no second full copy is ever held
     tmp = tempfile.TemporaryDirectory(prefix="bench_controlnet_")
-    save_file(unet_t.state_dict(), f"{tmp.name}/unet.safetensors")
-    save_file(cn_t.state_dict(), f"{tmp.name}/controlnet.safetensors")
-    del unet_t, cn_t
+    names = {}
+    for model, what in ((unet_t, "unet"), (cn_t, "controlnet")):
+        names[what] = []
+        for i, (key, value) in enumerate(model.state_dict().items()):
+            np.save(f"{tmp.name}/{what}_{i}.npy", value.detach().numpy())
+            names[what].append(key)
+    del unet_t, cn_t, model, value
     gc.collect()
-    with SafetensorsFile(f"{tmp.name}/unet.safetensors") as src:
-        params = {"unet": to_device(convert_diffusers_state_dict(config, src))}
-    with SafetensorsFile(f"{tmp.name}/controlnet.safetensors") as src:
-        params["controlnets"] = [to_device(convert_diffusers_state_dict(cn_config, src))]
+
+    def source(what):
+        return DictSource({k: np.load(f"{tmp.name}/{what}_{i}.npy", mmap_mode="r")
+                           for i, k in enumerate(names[what])})
+
+    params = {"unet": to_device(convert_diffusers_state_dict(config, source("unet")))}
+    params["controlnets"] = [to_device(convert_diffusers_state_dict(cn_config,
+                                                                    source("controlnet")))]
     tmp.cleanup()
 
     # ---- diffjax
