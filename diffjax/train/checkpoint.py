@@ -122,13 +122,16 @@ def read_workdir_params(workdir: str | os.PathLike, *, step: int | None = None,
     elif workdir.name == "checkpoints" and not (workdir / "checkpoints").is_dir():
         workdir = workdir.parent
     if not workdir.exists():
-        raise CheckpointError(f"{str(workdir)!r}: no such training workdir")
+        raise CheckpointError(f"{str(workdir)!r} is not a training workdir (no such folder)")
     if (workdir / "config.json").is_file():
         try:
             cfg = json.loads((workdir / "config.json").read_text())
         except (OSError, ValueError) as err:
             raise CheckpointError(f"{str(workdir)!r}: unreadable config.json: {err}") from err
     else:  # a bare checkpoints/ folder: the config saved beside each step
+        if not (workdir / "checkpoints").is_dir():
+            raise CheckpointError(f"{str(workdir)!r} is not a training workdir "
+                                  "(config.json + checkpoints/)")
         step = latest_step(workdir) if step is None else int(step)
         if not (workdir / "checkpoints" / str(step) / "config").is_dir():
             raise CheckpointError(f"{str(workdir)!r} is not a training workdir "

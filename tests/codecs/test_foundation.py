@@ -125,6 +125,7 @@ def test_overrides_change_the_output(codec, params, stream):
     assert not np.array_equal(base, codec.decode(params, stream, num_steps=1))
 
 
+@pytest.mark.slow
 def test_gradients_reach_estimator_through_t_and_gamma(codec, params):
     x = jnp.asarray(_image(1, 32, 32)[None] / 255.0, jnp.float32)
     c = codec.backbone.latent_channels
@@ -144,6 +145,7 @@ def test_gradients_reach_estimator_through_t_and_gamma(codec, params):
     assert float(jnp.min(jnp.abs(head_bias[c:2 * c]))) > 0  # every shift of gamma
 
 
+@pytest.mark.slow
 def test_distortion_scale_weights_only_the_mse_term(codec, params):
     x = jnp.asarray(_image(2, 32, 32)[None] / 255.0, jnp.float32)
     args = (codec.backbone, codec.model, params, x, 5.0, jax.random.key(4))
@@ -155,6 +157,7 @@ def test_distortion_scale_weights_only_the_mse_term(codec, params):
         float(m100["bpp"]) + 500.0 * float(m100["mse"]), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_sharded_decode_equals_single_device(codec, params):
     assert jax.device_count() == 8
     datas = [codec.encode(params, _image(10 + i)) for i in range(8)]

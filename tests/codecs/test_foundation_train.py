@@ -123,6 +123,7 @@ def test_taef2_configs_build():
         assert sorted(t._loaders()) == ["vae"]  # the real TAEF2 weights; unet_path still to set
 
 
+@pytest.mark.slow
 def test_loss_sends_no_gradient_into_the_frozen_backbone(task):
     """The frozen VAE/UNet get zero gradients (so XLA drops their weight gradients) while
     the estimator and entropy model train."""

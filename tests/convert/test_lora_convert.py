@@ -151,6 +151,7 @@ def test_import_matches_peft(kind, layout, tmp_path):
         assert rel_err(diffusers_with_file(path), want) <= TOL
 
 
+@pytest.mark.slow
 def test_merged_checkpoint_and_lora_only_cli(tmp_path):
     """``diffjax convert UNET --lora FILE --lora-scale S`` and ``--lora-only``."""
     from diffjax.cli import main

@@ -20,6 +20,7 @@ def workdir(tmp_path_factory, shared_data):
     return wd
 
 
+@pytest.mark.slow
 def test_rd_and_lambda_table_from_real_bitstreams(workdir, tmp_path, shared_data):
     images = tmp_path / "images"
     images.mkdir()
@@ -46,6 +47,7 @@ def test_rd_and_lambda_table_from_real_bitstreams(workdir, tmp_path, shared_data
     assert not (out / "bitstreams").exists()  # removed after the side information was read
 
 
+@pytest.mark.slow
 def test_side_info_matches_the_encoder(workdir):
     from diffjax.codecs.base import pad_to_multiple
     from diffjax.codecs.foundation import FoundationCodec
@@ -61,6 +63,7 @@ def test_side_info_matches_the_encoder(workdir):
                                   lat["gamma"][0].reshape(-1).astype(np.float32))
 
 
+@pytest.mark.slow
 def test_refuses_a_workdir_of_another_task(tmp_path):
     from diffjax.errors import InputError
 

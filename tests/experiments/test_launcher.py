@@ -163,6 +163,7 @@ def test_run_sh_runs_the_train_command_on_all_workers(tmp_path):
 
 
 @pytest.mark.parametrize("config", ["foundation_sd21.py:smoke", "foundation_taef2.py:smoke"])
+@pytest.mark.slow
 def test_foundation_smoke_configs_train_from_the_command_line(config, tmp_path):
     """The foundation codec's smoke configs run 2 steps of the real launcher (the other
     codecs' smoke configs train in tests/codecs: test_residual, test_latent_denoiser)."""

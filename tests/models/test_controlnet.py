@@ -169,6 +169,7 @@ def test_controlnet_not_matching_the_unet_is_a_clear_error():
         MultiControlNet((cn, cn.clone(layers_per_block=2)))
 
 
+@pytest.mark.slow
 def test_per_frame_controlnet_guides_a_video_unet():
     """One image ControlNet guides every frame of a video UNet (AnimateDiff-style motion
     UNet on the same SD encoder): per-frame residuals ``[B, F, ...]``; zero convs at zero

@@ -67,6 +67,7 @@ def test_config_arguments():
         cn_config.get_config("canny,depth")
 
 
+@pytest.mark.slow
 def test_smoke_run_trains_the_controlnet_only(shared_data, tmp_path):
     task = smoke_task()
     init = jax.jit(task.init_params)(jax.random.key(0))

@@ -65,6 +65,7 @@ def run(setup, state, n):
     return state, losses
 
 
+@pytest.mark.slow
 def test_only_temporal_layers_train(setup):
     task, tx, batch, host_state, shardings, step = setup
     state, losses = run(setup, jax.device_put(host_state, shardings), 1)
