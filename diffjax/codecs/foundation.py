@@ -578,6 +578,26 @@ def host_params(template: Any, load, *args) -> Any:
     return jax.tree.unflatten(treedef, jax.pure_callback(callback, specs, *args))
 
 
+def backbone_loaders(paths: Mapping[str, Any]) -> dict:
+    """``{"vae"|"unet": () -> params}`` for the frozen backbone parts that ``paths``
+    (``pretrained``, ``unet_path``, ``taesd_encoder``/``taesd_decoder``) configure; parts
+    without a path are absent (the caller draws them at random). Shared by the tasks that
+    train on a frozen backbone (foundation codec, ControlNet)."""
+    from diffjax.convert.core import load_pretrained
+    from diffjax.models.taesd import load_taesd
+
+    p, out = paths, {}
+    if p.get("pretrained"):
+        out["vae"] = lambda: load_pretrained(p["pretrained"], "vae")[1]
+        out["unet"] = lambda: load_pretrained(p["pretrained"], "unet")[1]
+    if p.get("unet_path"):
+        out["unet"] = lambda: load_pretrained(p["unet_path"])[1]
+    if p.get("taesd_encoder"):
+        out["vae"] = lambda: {"encoder": load_taesd(p["taesd_encoder"])[1],
+                              "decoder": load_taesd(p["taesd_decoder"])[1]}
+    return out
+
+
 class FoundationTask(Task):
     """Train P(y, lambda) and the latent hyperprior on a frozen backbone (``diffjax.train``).
 
@@ -652,19 +672,7 @@ class FoundationTask(Task):
         return {"lambdas": list(self.lambdas), "distortion_scale": self.distortion_scale}
 
     def _loaders(self) -> dict:
-        from diffjax.convert.core import load_pretrained
-        from diffjax.models.taesd import load_taesd
-
-        p, out = self.paths, {}
-        if p["pretrained"]:
-            out["vae"] = lambda: load_pretrained(p["pretrained"], "vae")[1]
-            out["unet"] = lambda: load_pretrained(p["pretrained"], "unet")[1]
-        if p["unet_path"]:
-            out["unet"] = lambda: load_pretrained(p["unet_path"])[1]
-        if p["taesd_encoder"]:
-            out["vae"] = lambda: {"encoder": load_taesd(p["taesd_encoder"])[1],
-                                  "decoder": load_taesd(p["taesd_decoder"])[1]}
-        return out
+        return backbone_loaders(self.paths)
 
     def init_params(self, rng, batch_spec=None) -> dict:
         params = self.codec.init(rng, backbone=False)

@@ -88,19 +88,9 @@ class ControlNetTask(Task):
 
     # ----------------------------------------------------------------- params
     def _frozen_loaders(self) -> dict:
-        from diffjax.convert.core import load_pretrained
-        from diffjax.models.taesd import load_taesd
+        from diffjax.codecs.foundation import backbone_loaders
 
-        p, out = self.paths, {}
-        if p["pretrained"]:
-            out["vae"] = lambda: load_pretrained(p["pretrained"], "vae")[1]
-            out["unet"] = lambda: load_pretrained(p["pretrained"], "unet")[1]
-        if p["unet_path"]:
-            out["unet"] = lambda: load_pretrained(p["unet_path"])[1]
-        if p["taesd_encoder"]:
-            out["vae"] = lambda: {"encoder": load_taesd(p["taesd_encoder"])[1],
-                                  "decoder": load_taesd(p["taesd_decoder"])[1]}
-        return out
+        return backbone_loaders(self.paths)
 
     def init_params(self, rng, batch_spec=None) -> dict:
         """``{"controlnet", "unet", "vae"[, "context"]}``; the last ones frozen.
