@@ -90,6 +90,8 @@ def test_errors_are_one_line(model_dir, tmp_path, capsys):
         (["compress", tmp_path / "no_frames", "--model", model_dir], "no_frames"),
         (["compress", tmp_path / "ok.png", "--model", model_dir, "--frames", 2], "video"),
         (["compress", tmp_path / "ok.png", "--codec", "nonesuch"], "unknown codec"),
+        (["compress", tmp_path / "ok.png", "--codec", "intra", "--model", model_dir],
+         "intra codec codes video"),
         (["decompress", tmp_path, "--model", model_dir], "directory"),
         (["compress", tmp_path / "ok.png", "--model", model_dir, "-q", 3], "quality"),
         (["compress", tmp_path / "ok.png", "--model", tmp_path / "nomodel"], "does not exist"),

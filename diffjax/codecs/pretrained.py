@@ -23,6 +23,7 @@ Folders written before this format (``{"codec": "residual", "model": {...},
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 from typing import Any
@@ -59,9 +60,10 @@ class LoadedModel:
 
         return get(self.codec_name, **{**self.config, **overrides})
 
-    @property
+    @functools.cached_property
     def qualities(self) -> tuple:
-        """The valid ``quality`` values of this model (``()`` when it has none)."""
+        """The valid ``quality`` values of this model (``()`` when it has none); built once
+        (constructing a codec derives its tables)."""
         return tuple(getattr(self.codec(), "qualities", ()))
 
     @property

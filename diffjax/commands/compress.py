@@ -80,10 +80,9 @@ def _codec_for(args, video: bool):
     codec = model.codec(**overrides)
     if video and codec.media == "image":
         codec = IntraCodec(codec)
-    elif not video and codec.media == "video":
-        raise InputError(f"the {codec.name} codec codes video; {args.input!r} is an image")
-    elif wanted == "intra" and codec.media != "video":
-        codec = IntraCodec(codec)
+    elif not video and (codec.media == "video" or wanted == "intra"):
+        raise InputError(f"the {wanted or codec.name} codec codes video; {args.input!r} is "
+                         "an image")
     return codec, model.params, overrides.get("quality")
 
 
