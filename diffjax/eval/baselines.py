@@ -206,11 +206,13 @@ def decode_ffmpeg_frames(data: bytes, fmt: str, what: str, to_rgb_vf: str | None
 
 @dataclasses.dataclass(frozen=True)
 class FfmpegVideoCoder:
-    """x264 / x265 coding of an RGB clip ``[T, H, W, 3]`` (4:2:0, even sides) at ``crf``."""
+    """x264 / x265 coding of an RGB clip ``[T, H, W, 3]`` (4:2:0, even sides) at ``crf``.
+
+    ``fps``: the frame rate given to the encoder (an int, or a ``"num/den"`` string)."""
 
     codec: str
     crf: int
-    fps: int = 25
+    fps: int | str = 25
 
     def __post_init__(self):
         if self.codec not in _FFMPEG_VIDEO:
@@ -233,6 +235,23 @@ class FfmpegVideoCoder:
     def decode(self, data: bytes) -> np.ndarray:
         return decode_ffmpeg_frames(data, _FFMPEG_VIDEO[self.codec][1], self.codec,
                                     to_rgb_vf=None)
+
+    def digest(self, data: bytes) -> bytes:
+        """MD5 (16 bytes) of the stream's decoded pictures in their native 4:2:0 format
+        (ffmpeg's ``streamhash`` muxer). H.264 / HEVC decoding is bit-exact by the
+        standards, so the digest is the same on every platform; a changed stream that
+        still decodes (ffmpeg conceals errors) changes it."""
+        fmt = _FFMPEG_VIDEO[self.codec][1]
+        cmd = [_ffmpeg(), "-hide_banner", "-loglevel", "error", "-f", fmt, "-i", "-",
+               "-map", "0:v:0", "-f", "streamhash", "-hash", "md5", "-"]
+        try:
+            out = _run(cmd, data, f"{self.codec} decode").decode(errors="replace")
+        except InputError as err:
+            raise BitstreamError(str(err)) from err
+        m = re.search(r"MD5=([0-9a-f]{32})", out)
+        if not m:
+            raise BitstreamError(f"{self.codec} decode: no picture hash in {out[:80]!r}")
+        return bytes.fromhex(m.group(1))
 
 
 def make_coder(name: str, value: int):
