@@ -92,26 +92,45 @@ class ResidualRefiner(nn.Module):
         p = self.patch
         chex.assert_shape([r_t, x_base], (b, h, w, 3))
         chex.assert_shape(y, (b, h // LATENT_STRIDE, w // LATENT_STRIDE, None))
-        f = LATENT_STRIDE // p
-        y_up = jnp.repeat(jnp.repeat(y.astype(jnp.float32), f, axis=1), f, axis=2)
-        onehot = jax.nn.one_hot(jnp.asarray(quality, jnp.int32).reshape(b), self.num_qualities)
-        q_map = jnp.broadcast_to(onehot[:, None, None, :], (b, h // p, w // p, self.num_qualities))
         inp = jnp.concatenate([space_to_depth(r_t.astype(jnp.float32), p),
                                space_to_depth(x_base.astype(jnp.float32) * 2.0 - 1.0, p),
-                               y_up, q_map], axis=-1)
-        n = len(self.block_out_channels)
-        unet = UNet2DConditionModel(
-            in_channels=inp.shape[-1], out_channels=3 * p * p,
-            down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n,
-            mid_block_type="UNetMidBlock2D", block_out_channels=tuple(self.block_out_channels),
-            layers_per_block=self.layers_per_block, norm_num_groups=self.norm_num_groups,
-            cross_attention_dim=8, attention_head_dim=1, prediction_type="sample",
-            dtype=self.dtype, param_dtype=self.param_dtype, name="unet")
-        # No cross-attention blocks: the (required) context is a dummy that nothing reads.
-        out = unet(inp.astype(self.dtype), timesteps, jnp.zeros((b, 1, 8), self.dtype))
-        out = depth_to_space(out.astype(jnp.float32), p)
-        chex.assert_shape(out, (b, h, w, 3))
-        return out
+                               latent_condition(y, quality, self.num_qualities, p)], axis=-1)
+        return run_refiner_unet(self, inp, timesteps, (b, h, w))
+
+
+def latent_condition(y: jax.Array, quality, num_qualities: int, p: int) -> jax.Array:
+    """The poster's latent conditioning at the UNet's resolution: ``y [B, H/16, W/16, M]``
+    nearest-upsampled to ``[B, H/p, W/p, M]``, then a one-hot quality map ``[.., Q]``."""
+    b, hy, wy, _ = y.shape
+    f = LATENT_STRIDE // p
+    y_up = jnp.repeat(jnp.repeat(y.astype(jnp.float32), f, axis=1), f, axis=2)
+    onehot = jax.nn.one_hot(jnp.asarray(quality, jnp.int32).reshape(b), num_qualities)
+    q_map = jnp.broadcast_to(onehot[:, None, None, :], (b, hy * f, wy * f, num_qualities))
+    return jnp.concatenate([y_up, q_map], axis=-1)
+
+
+def run_refiner_unet(module: nn.Module, inp: jax.Array, timesteps, shape) -> jax.Array:
+    """The refiner UNet of ``module`` (a refiner with ``block_out_channels``,
+    ``layers_per_block``, ``norm_num_groups``, ``patch``, ``dtype``, ``param_dtype``), called
+    from its compact ``__call__``: ``inp [B, H/p, W/p, C]`` (the concatenated inputs) ->
+    ``r̂₀ [B, H, W, 3]``. Its parameters are ``unet/...`` whatever ``C`` is, so refiners with
+    other conditions share every parameter but ``unet/conv_in/kernel``'s input rows
+    (:mod:`diffjax.models.video_refiner` starts from the image refiner this way)."""
+    b, h, w = shape
+    p = module.patch
+    n = len(module.block_out_channels)
+    unet = UNet2DConditionModel(
+        in_channels=inp.shape[-1], out_channels=3 * p * p,
+        down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n,
+        mid_block_type="UNetMidBlock2D", block_out_channels=tuple(module.block_out_channels),
+        layers_per_block=module.layers_per_block, norm_num_groups=module.norm_num_groups,
+        cross_attention_dim=8, attention_head_dim=1, prediction_type="sample",
+        dtype=module.dtype, param_dtype=module.param_dtype, parent=module, name="unet")
+    # No cross-attention blocks: the (required) context is a dummy that nothing reads.
+    out = unet(inp.astype(module.dtype), timesteps, jnp.zeros((b, 1, 8), module.dtype))
+    out = depth_to_space(out.astype(jnp.float32), p)
+    chex.assert_shape(out, (b, h, w, 3))
+    return out
 
 
 def _gain_init(num_qualities: int):
@@ -168,20 +187,10 @@ class ResidualCodecModel(nn.Module):
         chex.assert_rank(x, 4)
         b, h, w, _ = x.shape
         q = jnp.asarray(quality, jnp.int32).reshape(b)
-        mode = self.train_quantization if train else "round"
-        gain = self.gain[q][:, None, None, :]
-        inv_gain = self.inv_gain[q][:, None, None, :]
-        y = self.base.analysis(x) * gain
-        z = self.base.hyper_analysis(y)
-        z_hat, z_lik = self.base.entropy_bottleneck(z, train=train, mode=mode)
-        scales, means = self.base.hyper_synthesis(z_hat)
-        y_hat, y_lik = self.base.gaussian_conditional(y, scales, means, train=train, mode=mode)
-        y_cond = y_hat * inv_gain
-        x_base = self.base.synthesis(y_cond)
-        chex.assert_shape(x_base, (b, h, w, 3))
+        out = gained_base_pass(self, x, q, train=train)
         if self.is_initializing():  # create the refiner's parameters too
-            self.denoise(jnp.zeros_like(x), jnp.zeros((b,)), x_base, y_cond, q)
-        return {"x_base": x_base, "y_cond": y_cond, "likelihoods": {"y": y_lik, "z": z_lik}}
+            self.denoise(jnp.zeros_like(x), jnp.zeros((b,)), out["x_base"], out["y_cond"], q)
+        return out
 
     def denoise(self, r_t, timesteps, x_base, y_cond, quality) -> jax.Array:
         """The refiner's x0 estimate of the scaled residual (see :class:`ResidualRefiner`)."""
@@ -196,6 +205,25 @@ class ResidualCodecModel(nn.Module):
                 "refiner_channels": list(self.refiner_channels),
                 "refiner_layers": self.refiner_layers, "refiner_groups": self.refiner_groups,
                 "patch": self.patch, "residual_scale": self.residual_scale}
+
+
+def gained_base_pass(module: nn.Module, x: jax.Array, q: jax.Array, *, train: bool) -> dict:
+    """The gained hyperprior of ``module`` (with ``base``, ``gain``, ``inv_gain`` and
+    ``train_quantization``) on ``x [B, H, W, 3]`` at quality indices ``q [B]``:
+    ``{"x_base", "y_cond" (= ŷ ⊙ G⁻¹), "likelihoods": {"y", "z"}}``."""
+    b, h, w, _ = x.shape
+    mode = module.train_quantization if train else "round"
+    gain = module.gain[q][:, None, None, :]
+    inv_gain = module.inv_gain[q][:, None, None, :]
+    y = module.base.analysis(x) * gain
+    z = module.base.hyper_analysis(y)
+    z_hat, z_lik = module.base.entropy_bottleneck(z, train=train, mode=mode)
+    scales, means = module.base.hyper_synthesis(z_hat)
+    y_hat, y_lik = module.base.gaussian_conditional(y, scales, means, train=train, mode=mode)
+    y_cond = y_hat * inv_gain
+    x_base = module.base.synthesis(y_cond)
+    chex.assert_shape(x_base, (b, h, w, 3))
+    return {"x_base": x_base, "y_cond": y_cond, "likelihoods": {"y": y_lik, "z": z_lik}}
 
 
 def fold_quality(params: Mapping[str, Any], quality: int) -> dict:
