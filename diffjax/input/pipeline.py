@@ -177,7 +177,9 @@ def dataset_from_config(cfg: Mapping[str, Any], *, global_batch_size: int, seed:
 
     ``kind``: ``"images"`` (``path``, ``crop``), ``"video"`` (``path``, ``num_frames``,
     ``crop``, ``video_kind``), ``"conditioned_images"`` (``path``, ``crop``, ``condition``:
-    ``{"image", "cond"}`` batches, :mod:`diffjax.input.conditions`) or ``"tfds"`` (``name``,
+    ``{"image", "cond"}`` batches, :mod:`diffjax.input.conditions`), ``"latents"``
+    (``path``, ``crop``, ``latent_cache``: ``{"latent"}`` crops of cached autoencoder
+    latents, :mod:`diffjax.input.latent_cache`) or ``"tfds"`` (``name``,
     ``split``, ``data_dir``, ``crop``,
     and ``num_frames`` for video datasets: a dataset prepared in array_record format by
     :mod:`diffjax.input.tfds_builders`, read by grain through ``as_data_source``; image
@@ -198,6 +200,11 @@ def dataset_from_config(cfg: Mapping[str, Any], *, global_batch_size: int, seed:
         return conditions.conditioned_image_dataset(
             cfg["path"], crop=_crop(cfg), condition=dict(cfg["condition"]),
             global_batch_size=global_batch_size, seed=seed, flip=flip, **shard)
+    if kind == "latents":  # cached first-stage latents (latent diffusion training)
+        from diffjax.input import latent_cache
+
+        return latent_cache.latent_dataset(cfg, global_batch_size=global_batch_size,
+                                           seed=seed, **shard)
     if kind == "tfds":
         from diffjax.input import tfds_builders
 
@@ -212,7 +219,7 @@ def dataset_from_config(cfg: Mapping[str, Any], *, global_batch_size: int, seed:
         return batched_dataset(source, transform, global_batch_size=global_batch_size,
                                seed=seed, **shard)
     raise InputError(f"unknown data kind {kind!r}; use 'images', 'video', "
-                     "'conditioned_images' or 'tfds'")
+                     "'conditioned_images', 'latents' or 'tfds'")
 
 
 def _crop(cfg: Mapping[str, Any]) -> tuple[int, int]:
