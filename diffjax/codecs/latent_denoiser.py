@@ -23,7 +23,11 @@ Training (:class:`LatentDenoiserTask`, one example per RNG key as in :mod:`diffj
   low noise levels it is a constant weight on the x0 error, which is what the codec's
   distortion sees);
 * the UNet's cross-attention context is zeros ``[B, 1, cross_attention_dim]``
-  (:meth:`Backbone.context` without a stored context), as the second stage uses it.
+  (:meth:`Backbone.context` without a stored context), as the second stage uses it;
+* batches are images (encoded in the step) or latents encoded once by the same frozen
+  encoder (``{"latent"}`` batches of ``data.kind = "latents"``,
+  :mod:`diffjax.input.latent_cache`). With ``t_max = 1`` this trains a whole latent
+  diffusion model (``experiments/configs/ldm_taef2.py``).
 
 Metrics: ``loss`` (weighted), ``mse`` (unweighted, in the target space), ``x0_mse`` (error
 of the implied clean latent, converted exactly from the target-space error),
@@ -44,6 +48,7 @@ import pathlib
 import sys
 from typing import Mapping
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,12 +167,21 @@ class LatentDenoiserTask(Task):
         vae_params = self.vae_params if vae_params is None else vae_params
         return jax.lax.stop_gradient(self.backbone.encode(vae_params, x))
 
-    def loss_terms(self, params, x, rng, *, vae_params=None, t=None, noise=None):
+    def loss_terms(self, params, x, rng, *, vae_params=None, t=None, noise=None, y=None):
         """``(loss, metrics, aux)`` for images ``x``; ``aux`` holds per-example ``t``,
         ``per_example`` (target-space MSE) and ``x0_mse``. ``t`` / ``noise`` may be given
-        (tests); ``vae_params`` defaults to the frozen encoder."""
+        (tests); ``vae_params`` defaults to the frozen encoder. ``y``: the diffusion latents
+        ``[B, h, w, C]`` already computed (a latent cache, :mod:`diffjax.input.latent_cache`);
+        then ``x`` is not used."""
         bb = self.backbone
-        y = self.latents(x, vae_params)
+        if y is None:
+            y = self.latents(x, vae_params)
+        else:
+            chex.assert_rank(y, 4)
+            if y.shape[-1] != bb.latent_channels:
+                raise InputError(f"latents have {y.shape[-1]} channels, the autoencoder "
+                                 f"{bb.latent_channels}")
+            y = jax.lax.stop_gradient(y.astype(jnp.float32))
         ctx = bb.context({}, y.shape[0])
 
         def denoise(y_t, time, context):
@@ -184,7 +198,12 @@ class LatentDenoiserTask(Task):
         return loss, metrics, aux
 
     def loss_fn(self, params, batch, rng, step):
-        loss, metrics, _ = self.loss_terms(params, batch["image"], rng)
+        """Batches of images (``{"image"}``, encoded here) or of cached latents
+        (``{"latent"}``: ``data.kind = "latents"``, encoded once by the same frozen encoder)."""
+        if "latent" in batch:
+            loss, metrics, _ = self.loss_terms(params, None, rng, y=batch["latent"])
+        else:
+            loss, metrics, _ = self.loss_terms(params, batch["image"], rng)
         return loss, metrics
 
 
@@ -206,13 +225,16 @@ def read_workdir(workdir: str | pathlib.Path, step: int | None = None,
 
 def export_denoiser(workdir: str | pathlib.Path, directory: str | pathlib.Path, *,
                     step: int | None = None, use_ema: bool | None = None,
-                    overwrite: bool = False) -> pathlib.Path:
+                    overwrite: bool = False, param_dtype: str | None = None,
+                    metadata_extra: Mapping | None = None) -> pathlib.Path:
     """Write the denoiser of a training workdir as a diffjax model directory.
 
     The result loads with :func:`diffjax.convert.core.load_pretrained` and is what
     :class:`~diffjax.codecs.foundation.FoundationTask` takes as ``unet_path``. The
     metadata records the scheduler config and ``t_max`` it was trained with (the second
-    stage must use the same scheduler) and the training data licence note.
+    stage must use the same scheduler) and the training data licence note;
+    ``metadata_extra`` adds to it. ``param_dtype`` (e.g. ``"float16"``, half the size) casts the stored
+    floating-point parameters; ``load_pretrained(..., param_dtype=jnp.float32)`` casts back.
     """
     from diffjax.convert.core import save_pretrained
 
@@ -220,10 +242,22 @@ def export_denoiser(workdir: str | pathlib.Path, directory: str | pathlib.Path, 
     from diffjax.diffusion.schedules import load_scheduler_config
 
     cfg, unet, info = read_workdir(workdir, step, use_ema)
+    if param_dtype is not None:
+        try:
+            target = np.dtype(param_dtype)
+        except TypeError as err:
+            raise InputError(f"unknown param_dtype {param_dtype!r}") from err
+        if not np.issubdtype(target, np.floating):
+            raise InputError(f"param_dtype must be a floating-point type, got {param_dtype!r}")
+        unet = jax.tree.map(lambda a: np.asarray(a, target)
+                            if np.issubdtype(np.asarray(a).dtype, np.floating) else a, unet)
     kw = dict(cfg["task"]["kwargs"])
     module = build_model(denoiser_unet_config(kw["unet_config"], kw["scheduler_config"]),
                          "UNet2DConditionModel")
-    data = str(cfg.get("data", {}).get("path", ""))
+    data_cfg = cfg.get("data", {}) or {}
+    data = str(data_cfg.get("path", ""))
+    # a latent cache (data.kind = "latents") names its image folders in its spec
+    cached = [str(p) for p in (data_cfg.get("latent_cache") or {}).get("images", [])]
     metadata = {
         "source": "diffjax latent denoiser (diffjax.codecs.latent_denoiser)",
         "workdir": str(pathlib.Path(workdir).absolute()), "step": info["step"],
@@ -233,8 +267,9 @@ def export_denoiser(workdir: str | pathlib.Path, directory: str | pathlib.Path, 
         "vae_config": dict(kw["vae_config"]), "taesd_encoder": kw.get("taesd_encoder"),
         "data": data,
         "license_note": ("trained on BSDS500 (non-commercial research only)"
-                         if "bsds" in data.lower() else ""),
+                         if any("bsds" in d.lower() for d in [data] + cached) else ""),
     }
+    metadata.update(dict(metadata_extra or {}))
     return save_pretrained(directory, module, unet, metadata=metadata, overwrite=overwrite)
 
 
