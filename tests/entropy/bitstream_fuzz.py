@@ -95,3 +95,31 @@ def run_fuzz(decode, data: bytes, cases, per_case_s: float):
         assert took < per_case_s, (took, bad[:64])
         counts[want.__name__] = counts.get(want.__name__, 0) + 1
     return worst, counts
+
+
+def section_cases(data: bytes, index: int, n: int, seed: int):
+    """Variants of a valid file whose section ``index`` is damaged *inside* a valid
+    container (header and CRCs recomputed): every truncation of the section (up to ``n``),
+    ``n`` seeded 1-4 bit flips and ``n // 4`` extensions by random bytes. What the
+    container cannot see: the codec's own checks must reject each."""
+    rng = np.random.default_rng(seed)
+    header, sections = B.unpack(data)
+    section = sections[index]
+
+    def repack(new: bytes) -> bytes:
+        parts = list(sections)
+        parts[index] = new
+        return B.pack(header.codec_id, header.fingerprint, parts, height=header.height,
+                      width=header.width, frames=header.frames, channels=header.channels,
+                      quality=header.quality, fps=header.fps)
+
+    step = max(1, len(section) // n)
+    cases = [repack(section[:k]) for k in range(0, len(section), step)]
+    for _ in range(n):
+        b = bytearray(section)
+        for _ in range(rng.integers(1, 5)):
+            b[rng.integers(len(b))] ^= 1 << rng.integers(8)
+        cases.append(repack(bytes(b)))
+    for _ in range(max(1, n // 4)):
+        cases.append(repack(section + rng.bytes(int(rng.integers(1, 9)))))
+    return [c for c in cases if c != data]
