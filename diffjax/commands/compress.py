@@ -24,6 +24,7 @@ examples:
   diffjax compress clip.mp4 --frames 6 -o clip.djx   # intra-only with the default codec
   diffjax compress frames/ -o clip.djx --model runs/residual   # a folder of frames
   diffjax compress photo.png --codec hyperprior --model my_hyperprior_model/
+  diffjax compress clip.mp4 --codec residual-video --crf 30 --model MODEL   # x265 + refiner
 """
 
 
@@ -44,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="diffusion refinement steps the decoder runs, 0 to 100 "
                              "(0 = base-only decoding: fastest, highest PSNR); default: the "
                              "model's (4 for the shipped residual model); codecs with steps only")
+    parser.add_argument("--crf", type=cc.positive_int, default=None,
+                        help="constant rate factor of codecs with a video-codec backbone "
+                             "(0 to 51, lower = larger files; e.g. residual-video's x265); "
+                             "default: the model's")
     parser.add_argument("--frames", type=cc.positive_int, default=None, metavar="N",
                         help="video input: code only the first N frames")
     cc.add_model_argument(parser)
@@ -77,6 +82,10 @@ def _codec_for(args, video: bool):
         if not (cc.accepts(cls, "steps") or "steps" in model.config):
             raise InputError(f"the {model.codec_name} codec has no refinement --steps")
         overrides["steps"] = args.steps
+    if args.crf is not None:
+        if not (cc.accepts(cls, "crf") or "crf" in model.config):
+            raise InputError(f"the {model.codec_name} codec has no --crf")
+        overrides["crf"] = args.crf
     codec = model.codec(**overrides)
     if video and codec.media == "image":
         codec = IntraCodec(codec)
@@ -108,7 +117,9 @@ def run(args) -> int:
         advance()
     cc.write_bytes(out, data)
     steps = getattr(getattr(codec, "image_codec", codec), "steps", None)
+    crf = getattr(codec, "crf", None)
     extra = "".join([f", quality {quality}" if quality is not None else "",
+                     f", crf {crf}" if crf is not None else "",
                      f", steps {steps}" if steps is not None else ""])
     if video:
         n, h, w = frames.shape[:3]
