@@ -205,6 +205,11 @@ def dataset_from_config(cfg: Mapping[str, Any], *, global_batch_size: int, seed:
 
         return latent_cache.latent_dataset(cfg, global_batch_size=global_batch_size,
                                            seed=seed, **shard)
+    if kind == "backbone_video":  # backbone-coded clips (residual video codec training)
+        from diffjax.input import backbone_video
+
+        return backbone_video.backbone_video_dataset(cfg, global_batch_size=global_batch_size,
+                                                     seed=seed, **shard)
     if kind == "tfds":
         from diffjax.input import tfds_builders
 
@@ -219,7 +224,7 @@ def dataset_from_config(cfg: Mapping[str, Any], *, global_batch_size: int, seed:
         return batched_dataset(source, transform, global_batch_size=global_batch_size,
                                seed=seed, **shard)
     raise InputError(f"unknown data kind {kind!r}; use 'images', 'video', "
-                     "'conditioned_images', 'latents' or 'tfds'")
+                     "'conditioned_images', 'latents', 'backbone_video' or 'tfds'")
 
 
 def _crop(cfg: Mapping[str, Any]) -> tuple[int, int]:
