@@ -24,6 +24,7 @@ them all. A ``fold_bn=True`` model gets its BatchNorms folded into the convs
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Mapping
 
@@ -59,8 +60,12 @@ def _rename(key: str, shape) -> tuple[str, str] | None:
 
 def _template(model: EfficientNetV2) -> dict:
     """Flat ``{path: ShapeDtypeStruct}`` of params plus BatchNorm stats (leaves named like
-    torch's ``running_mean``/``running_var``), from an abstract init."""
-    model = model.clone(fold_bn=False)
+    torch's ``running_mean``/``running_var``), from an abstract init (cached per config)."""
+    return dict(_cached_template(model.clone(fold_bn=False, dtype=jnp.float32)))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_template(model: EfficientNetV2) -> dict:
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                   jnp.zeros((1, 64, 64, 3), jnp.float32)))
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(nn.meta.unbox(variables["params"])))

@@ -6,6 +6,7 @@ The golden file is made by ``tests/data/efficientnet/make_golden.py`` in a separ
 import json
 import pathlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +15,8 @@ import pytest
 from diffjax.convert.efficientnet import convert_efficientnet_state_dict
 from diffjax.convert.mapping import CheckpointMismatchError
 from diffjax.errors import InputError
+from diffjax.nn import cpu_kernels
+from diffjax.nn.layers import host_random_params
 from diffjax.models.encoders import (V2_S_STAGES, EfficientNetV2, StageConfig,
                                      efficientnet_v2_s_stages, fold_batchnorm, relative_error)
 
@@ -49,34 +52,40 @@ def test_stage_scaling_matches_torchvision(golden):
 def test_golden_parity_batchnorm_and_folded(golden):
     cfg, stages, sd, arrays = golden
     model = EfficientNetV2(stages=stages, last_channels=cfg["last_channels"])
+    folded = model.clone(fold_bn=True)
     variables = convert_efficientnet_state_dict(sd, model)
-    assert set(variables) == {"params", "batch_stats"}
-    x = jnp.asarray(nhwc(arrays["x"]))
-    out, stage_outs = jax.jit(lambda v, x: model.apply(v, x, return_stages=True))(variables, x)
+    fvars = convert_efficientnet_state_dict(sd, folded)
+    assert set(variables) == {"params", "batch_stats"} and set(fvars) == {"params"}
+
+    @jax.jit
+    def run(v, fv, x, x_odd):  # one compilation: every BatchNorm stage; folded, odd size
+        out, stage_outs = model.apply(v, x, return_stages=True)
+        return out, stage_outs, folded.apply(fv, x_odd)
+
+    x, x_odd = jnp.asarray(nhwc(arrays["x"])), jnp.asarray(nhwc(arrays["x_odd"]))
+    # XLA's own convolutions (the CPU kernels compile twice as long; they are checked
+    # against XLA in tests/nn)
+    with cpu_kernels.override(False):
+        out, stage_outs, odd = run(variables, fvars, x, x_odd)
     assert out.shape == (2, 2, 2, 320)
     assert len(stage_outs) == len(stages) + 2
     for i, h in enumerate(stage_outs):
         err = relative_error(h, nhwc(arrays[f"stage_{i}"]))
         assert err <= TOL, (i, err)
-    folded = model.clone(fold_bn=True)
-    fvars = convert_efficientnet_state_dict(sd, folded)
-    assert set(fvars) == {"params"}
-    apply = jax.jit(folded.apply)
-    assert relative_error(apply(fvars, x), nhwc(arrays["stage_7"])) <= TOL
-    # an input whose size is not a multiple of 32 (ceil at every stride-2 conv)
-    odd = apply(fvars, jnp.asarray(nhwc(arrays["x_odd"])))
+    # folded weights, on an input whose size is not a multiple of 32 (ceil at each stride 2)
     assert odd.shape == (1, 2, 2, 320)
     assert relative_error(odd, nhwc(arrays["out_odd"])) <= TOL
     # folding the converted BatchNorm variables gives the same params as converting folded
     refolded = fold_batchnorm(jax.tree_util.tree_map(np.asarray, variables))
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                            refolded, fvars["params"])
-    # parity is a real check: a perturbed weight breaks it
+    # parity is a real check: a 1 % change of one late project conv breaks it
     bad = dict(sd)
-    key = "features.5.1.block.3.0.weight"
+    key = "features.6.1.block.3.0.weight"
     bad[key] = sd[key] * 1.01
-    wrong = apply(convert_efficientnet_state_dict(bad, folded), x)
-    assert relative_error(wrong, nhwc(arrays["stage_7"])) > 10 * TOL
+    with cpu_kernels.override(False):
+        wrong = run(variables, convert_efficientnet_state_dict(bad, folded), x, x_odd)[2]
+    assert relative_error(wrong, nhwc(arrays["out_odd"])) > 10 * TOL
 
 
 def test_converter_layouts_and_strictness(golden):
@@ -92,11 +101,11 @@ def test_converter_layouts_and_strictness(golden):
     convert_efficientnet_state_dict(with_head, model)
 
     missing = dict(sd)
-    del missing["features.4.1.block.2.fc1.bias"]
-    extra = dict(sd, **{"features.4.1.block.9.0.weight": np.zeros((1, 1, 1, 1), np.float32)})
+    del missing["features.6.1.block.2.fc1.bias"]
+    extra = dict(sd, **{"features.6.1.block.9.0.weight": np.zeros((1, 1, 1, 1), np.float32)})
     shaped = dict(sd, **{"features.0.0.weight": np.zeros((8, 3, 5, 5), np.float32)})
-    for bad, words in ((missing, ["1 missing", "features_4_1/block_2/fc1/bias"]),
-                       (extra, ["1 unexpected", "features.4.1.block.9.0.weight"]),
+    for bad, words in ((missing, ["1 missing", "features_6_1/block_2/fc1/bias"]),
+                       (extra, ["1 unexpected", "features.6.1.block.9.0.weight"]),
                        (shaped, ["1 wrong shape", "features.0.0.weight", "(5, 5, 3, 8)"])):
         with pytest.raises(CheckpointMismatchError) as err:
             convert_efficientnet_state_dict(bad, model)
@@ -111,25 +120,45 @@ def test_converter_layouts_and_strictness(golden):
 def test_full_size_structure():
     """Full V2-S: 1280 channels at stride 32, torchvision's parameter and buffer counts."""
     model = EfficientNetV2()
-    x = jnp.zeros((1, 96, 64, 3))
-    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-    out = jax.eval_shape(model.apply, variables, x)
+    out, variables = jax.eval_shape(model.init_with_output, jax.random.PRNGKey(0),
+                                    jnp.zeros((1, 96, 64, 3)))
     assert out.shape == (1, 3, 2, 1280) and model.reduction == 32
     count = lambda t: sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(t))  # noqa: E731
     assert count(variables["params"]) == 20_177_488  # torchvision features parameters
     assert count(variables["batch_stats"]) == 153_872  # running_mean + running_var
 
 
+# One stage of two fused blocks: the second has a residual (stochastic depth).
+TINY = (StageConfig("fused", 4, 3, 1, 8, 8, 2),)
+
+
 def test_training_mode_and_errors():
-    model = EfficientNetV2.v2_s(0.25, 0.25)
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-    variables = model.init(jax.random.PRNGKey(1), x)
-    y, updates = model.apply(variables, x, train=True, mutable=["batch_stats"],
-                             rngs={"dropout": jax.random.PRNGKey(2)})
-    assert y.shape == (2, 1, 1, 320)
-    old = variables["batch_stats"]["features_0"]["bn"]["mean"]
-    new = updates["batch_stats"]["features_0"]["bn"]["mean"]
-    assert not np.allclose(old, new)
+    model = EfficientNetV2(stages=TINY, last_channels=32, stochastic_depth_prob=0.5)
+    x = np.random.default_rng(0).normal(1.0, 2.0, (4, 16, 16, 3)).astype(np.float32)
+    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(1), x))
+    variables = {"params": host_random_params(shapes["params"], seed=1),  # no init compile
+                 "batch_stats": jax.tree_util.tree_map(
+                     lambda a: np.ones(a.shape, a.dtype), shapes["batch_stats"])}
+
+    @jax.jit
+    def train(v, key):
+        return model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})
+
+    with cpu_kernels.override(False):  # BatchNorm and stochastic depth are under test here,
+        y, updates = train(variables, jax.random.PRNGKey(2))  # not the convs: compile faster
+    assert y.shape == (4, 8, 8, 32)
+    # the stem's running mean moves towards the batch mean (torch momentum 0.1)
+    k = variables["params"]["features_0"]["conv"]["kernel"]  # stem: 3x3 stride 2, pad 1
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h = sum(np.einsum("bhwc,cd->bhwd", xp[:, i:i + 16:2, j:j + 16:2], k[i, j])
+            for i in range(3) for j in range(3))
+    np.testing.assert_allclose(updates["batch_stats"]["features_0"]["bn"]["mean"],
+                               0.9 + 0.1 * np.asarray(h).mean(axis=(0, 1, 2)), rtol=1e-4,
+                               atol=1e-6)
+    # stochastic depth: the dropout key matters in training, not at inference
+    with cpu_kernels.override(False):
+        y2, _ = train(variables, jax.random.PRNGKey(3))
+    assert not np.allclose(y, y2)
     with pytest.raises(InputError, match="cannot train"):
         model.clone(fold_bn=True).apply({"params": {}}, x, train=True)
     with pytest.raises(InputError, match=r"\[B, H, W, 3\]"):

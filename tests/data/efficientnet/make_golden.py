@@ -9,10 +9,11 @@ virtual environment (torch 2.14.1 + torchvision 0.29.1, CPU, float32)::
 
 Golden (``golden.npz``, committed): a reduced-width EfficientNetV2-S built from
 torchvision's ``FusedMBConvConfig`` / ``MBConvConfig`` (width 0.25 via torchvision's
-``adjust_channels``, 1-2 layers per stage so that every block kind has a residual block,
-last conv to 320 channels), random weights with non-trivial BatchNorm statistics (running
-stats accumulated over random batches in train mode, then random affine and random
-squeeze-excitation biases), in eval mode. Saved: the ``features`` state dict (``sd/<key>``),
+``adjust_channels``, 1-2 layers per stage so that every block kind has a residual block: stage 1
+(fused, expand 1), stage 2 (fused, expand 4) and stage 6 (MBConv),
+last conv to 320 channels), random weights with non-trivial BatchNorm statistics (random
+affines and squeeze-excitation biases, then running statistics accumulated over random
+batches in train mode; see :func:`randomise`), in eval mode. Saved: the ``features`` state dict (``sd/<key>``),
 the stage table (``config``, JSON), two inputs (``x`` 2x3x64x64 and ``x_odd`` 1x3x40x56,
 NCHW) and the outputs of every ``features[i]`` for ``x`` (``stage_i``) and the final
 output for ``x_odd`` (``out_odd``).
@@ -31,14 +32,15 @@ import numpy as np
 import torch
 import torchvision
 from torchvision.models import efficientnet as tv
+from torchvision.ops import StochasticDepth
 
 HERE = pathlib.Path(__file__).resolve().parent
 WIDTH = 0.25
 # (kind, expand, kernel, stride, in, out, layers) before width scaling: the V2-S table with
 # 1-2 layers per stage.
 REDUCED = [("fused", 1, 3, 1, 24, 24, 1), ("fused", 4, 3, 2, 24, 48, 2),
-           ("fused", 4, 3, 2, 48, 64, 1), ("mbconv", 4, 3, 2, 64, 128, 2),
-           ("mbconv", 6, 3, 1, 128, 160, 2), ("mbconv", 6, 3, 2, 160, 256, 2)]
+           ("fused", 4, 3, 2, 48, 64, 1), ("mbconv", 4, 3, 2, 64, 128, 1),
+           ("mbconv", 6, 3, 1, 128, 160, 1), ("mbconv", 6, 3, 2, 160, 256, 2)]
 LAST = 320  # 1280 * WIDTH
 
 
@@ -60,22 +62,34 @@ def reduced_model() -> tuple[torch.nn.Module, list]:
 
 @torch.no_grad()
 def randomise(model: torch.nn.Module, seed: int, size: int) -> None:
-    """Non-trivial BatchNorm statistics and biases (in place), then eval mode."""
+    """Non-trivial BatchNorm statistics and biases (in place), then eval mode.
+
+    Random BatchNorm affines and squeeze-excitation biases first, then running statistics
+    accumulated (cumulative average) over random batches of the same distribution as the
+    test inputs in train mode without stochastic depth, so that, as in a trained network,
+    every BatchNorm's statistics match what reaches it. (Random statistics that do not match
+    make the deep network chaotic: float32 and float64 torch then disagree by O(1) at the
+    output, and no float32 reimplementation can be compared.)
+    """
     g = torch.Generator().manual_seed(seed)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     for m in bns:
-        m.momentum = None  # cumulative average over the batches below
-        m.reset_running_stats()
-    model.train()
-    for _ in range(2):
-        model.features(torch.randn(4, 3, size, size, generator=g))
-    for m in bns:
-        m.momentum = 0.1
         m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
         m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
     for m in model.modules():
         if isinstance(m, torch.nn.Conv2d) and m.bias is not None:  # squeeze-excitation
             m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+    for m in bns:
+        m.momentum = None  # cumulative average over the batches below
+        m.reset_running_stats()
+    model.train()
+    for m in model.modules():
+        if isinstance(m, StochasticDepth):
+            m.eval()
+    for _ in range(2):
+        model.features(torch.rand(4, 3, size, size, generator=g) * 2 - 1)
+    for m in bns:
+        m.momentum = 0.1
     model.eval()
 
 
@@ -111,10 +125,14 @@ def golden(path: pathlib.Path) -> None:
 def full_size(path: pathlib.Path) -> None:
     torch.manual_seed(0)
     model = tv.efficientnet_v2_s()
-    randomise(model, seed=1, size=128)
+    randomise(model, seed=1, size=224)
     x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    stages, h = {}, x
+    for i, layer in enumerate(model.features):
+        h = layer(h)
+        stages[f"stage_{i}"] = h.numpy()
     y = model.features(x)
-    np.savez(path, x=x.numpy(), y=y.numpy(), **state_arrays(model))
+    np.savez(path, x=x.numpy(), y=y.numpy(), **stages, **state_arrays(model))
     print(f"wrote {path}, output {tuple(y.shape)}, |y|max {y.abs().max():.4g}")
 
 
