@@ -151,6 +151,8 @@ class ResidualVideoCodec(VideoCodec):
         x = jnp.zeros((1, size, size, 3), jnp.float32)
         init = jax.jit(lambda r: self.model.init({"params": r}, x, jnp.zeros((1,), jnp.int32),
                                                  jnp.zeros((1,), jnp.float32)))
+        if isinstance(rng, jax.core.Tracer):  # under eval_shape / jit
+            return nn.meta.unbox(init(rng)["params"])
         # A one-off computation: XLA's cheap optimisation level compiles it ~20x faster
         # (the initialisers' truncated normals dominate a default compile).
         init = init.lower(rng).compile(compiler_options={

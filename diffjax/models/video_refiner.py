@@ -36,7 +36,6 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from diffjax.entropy.models import DEFAULT_SCALE_TABLE
 from diffjax.errors import CheckpointError, InputError
@@ -177,11 +176,11 @@ def from_image_params(video_params: Mapping[str, Any], image_params: Mapping[str
     the learned backbone. ``conv_in``'s input rows of ``r_t`` and the backbone frame (and,
     for the learned backbone, the latent and quality rows) are copied; the rows of the
     previous frame and of the CRF map are zero, so the new inputs start switched off.
-    Any other mismatch (widths, ``patch``, ``M``, qualities) is a ``CheckpointError``."""
+    Any other mismatch (widths, ``patch``, ``M``, qualities) is a ``CheckpointError``.
+    Works on numpy or jax arrays, also under tracing (a task's ``init_params``)."""
     from diffjax.train.checkpoint import check_same_structure
 
-    video = jax.tree.map(np.asarray, dict(video_params))
-    image = jax.tree.map(np.asarray, dict(image_params))
+    video, image = dict(video_params), dict(image_params)
     if "refiner" not in image or "unet" not in image["refiner"]:
         raise CheckpointError("not residual image codec parameters (no refiner/unet)")
     v_unet, i_unet = dict(video["refiner"]["unet"]), dict(image["refiner"]["unet"])
@@ -198,12 +197,12 @@ def from_image_params(video_params: Mapping[str, Any], image_params: Mapping[str
             or k_img.shape[-2] < 2 * p2 or i_in["bias"].shape != v_in["bias"].shape:
         raise CheckpointError(f"image conv_in {k_img.shape} does not fit the video refiner's "
                               f"{k_vid.shape} (other widths or patch)")
-    kernel = np.zeros_like(k_vid)
-    kernel[..., :kept, :] = k_img[..., :kept, :]
+    kernel = jnp.concatenate([jnp.asarray(k_img[..., :kept, :], k_vid.dtype),
+                              jnp.zeros_like(k_vid[..., kept:, :])], axis=-2)
     out = dict(video)
     out["refiner"] = {"unet": {**i_unet, "conv_in": {"kernel": kernel, "bias": i_in["bias"]}}}
     if model.learned:
         for key in ("base", "gain", "inv_gain"):
             check_same_structure(image[key], video[key], f"the image model's {key}")
             out[key] = image[key]
-    return jax.tree.map(lambda a, ref: np.asarray(a, ref.dtype), out, video)
+    return jax.tree.map(lambda a, ref: jnp.asarray(a, ref.dtype), out, video)

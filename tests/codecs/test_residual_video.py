@@ -42,8 +42,9 @@ def _abstract(codec):
 def tiny_params(codec, image_params):
     """Video params from the tiny image model; the new rows (previous frame, CRF map)
     random, so that the test sees them act."""
-    params = from_image_params(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
-                                            _abstract(codec)), image_params, codec.model)
+    params = jax.tree.map(np.array, from_image_params(
+        jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), _abstract(codec)), image_params,
+        codec.model))
     kernel = params["refiner"]["unet"]["conv_in"]["kernel"]
     rows = 2 * 3 * codec.model.patch ** 2
     kernel[..., rows:, :] = np.random.default_rng(0).normal(
