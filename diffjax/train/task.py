@@ -52,6 +52,7 @@ TASKS: dict[str, str] = {
     "toy_autoencoder": "diffjax.train.toy:ToyAutoencoderTask",
     "rate_distortion": "diffjax.train.rate_distortion:RateDistortionTask",
     "residual": "diffjax.codecs.residual_train:ResidualTask",
+    "residual_video": "diffjax.codecs.residual_video_train:ResidualVideoTask",
     "foundation": "diffjax.codecs.foundation:FoundationTask",
     "latent_denoiser": "diffjax.codecs.latent_denoiser:LatentDenoiserTask",
     "controlnet": "diffjax.train.controlnet:ControlNetTask",
