@@ -257,25 +257,36 @@ def _curve_arrays(points: list, key: str) -> tuple[list, list]:
     return [a for a, _ in pairs], [b for _, b in pairs]
 
 
-def bd_rate_table(result: dict, anchor: str | None = None) -> dict:
+def bd_rate_table(result: dict, anchor: str | None = None,
+                  metrics: tuple = ("psnr", "ms_ssim")) -> dict:
     """BD-rate (%) of every measured and reference curve against ``anchor`` for PSNR and
-    MS-SSIM (dB). Curves that do not overlap the anchor get ``None``."""
+    MS-SSIM (dB), and LPIPS when ``metrics`` names it (as the quality ``-10 log10 LPIPS``,
+    so lower LPIPS is higher quality). Curves that do not overlap the anchor get ``None``."""
+    import math
+
     curves = dict(result["curves"])
     refs = {f"{k} (published)": _reference_points(v) for k, v in result["references"].items()}
     if anchor is None:
         anchor = next(iter(curves))
     if anchor not in curves:
         raise InputError(f"anchor {anchor!r} is not one of the curves: {', '.join(curves)}")
-    table: dict = {"anchor": anchor, "psnr": {}, "ms_ssim": {}}
-    for metric in ("psnr", "ms_ssim"):
-        ar, aq = _curve_arrays(curves[anchor], metric)
+    table: dict = {"anchor": anchor, **{m: {} for m in metrics}}
+    kind = {"psnr": "psnr", "ms_ssim": "ms-ssim", "lpips": "db"}
+
+    def arrays(pts, metric):
+        r, q = _curve_arrays(pts, metric)
+        if metric == "lpips":
+            q = [-10.0 * math.log10(max(v, 1e-10)) for v in q]
+        return r, q
+
+    for metric in metrics:
+        ar, aq = arrays(curves[anchor], metric)
         for name, pts in {**curves, **refs}.items():
             if name == anchor:
                 continue
-            tr, tq = _curve_arrays(pts, metric)
+            tr, tq = arrays(pts, metric)
             try:
-                table[metric][name] = bd_rate(ar, aq, tr, tq,
-                                              metric="psnr" if metric == "psnr" else "ms-ssim")
+                table[metric][name] = bd_rate(ar, aq, tr, tq, metric=kind[metric])
             except InputError:
                 table[metric][name] = None
     return table
@@ -289,12 +300,15 @@ def _reference_points(ref: dict) -> list:
 
 def format_bd_table(table: dict) -> str:
     """Markdown table of :func:`bd_rate_table` output."""
+    titles = {"psnr": "BD-rate PSNR", "ms_ssim": "BD-rate MS-SSIM (dB)", "lpips": "BD-rate LPIPS"}
+    metrics = [m for m in titles if m in table]
     lines = [f"BD-rate vs {table['anchor']} (negative = fewer bits for the same quality)", "",
-             "| curve | BD-rate PSNR | BD-rate MS-SSIM (dB) |", "| --- | ---: | ---: |"]
-    names = list(dict.fromkeys(list(table["psnr"]) + list(table["ms_ssim"])))
+             "| curve | " + " | ".join(titles[m] for m in metrics) + " |",
+             "| --- |" + " ---: |" * len(metrics)]
+    names = list(dict.fromkeys(n for m in metrics for n in table[m]))
     fmt = lambda v: "n/a" if v is None else f"{v:+.1f} %"  # noqa: E731
     for n in names:
-        lines.append(f"| {n} | {fmt(table['psnr'].get(n))} | {fmt(table['ms_ssim'].get(n))} |")
+        lines.append(f"| {n} | " + " | ".join(fmt(table[m].get(n)) for m in metrics) + " |")
     return "\n".join(lines)
 
 

@@ -243,7 +243,7 @@ def evaluate_video_rd(clips: Sequence[tuple[str, np.ndarray]],
                                                      "reference", "farneback": FARNEBACK,
                                              "occlusion": OCCLUSION}},
               "environment": environment(), "curves": curves, "references": {}}
-    result["bd_rate"] = bd_rate_table(result, anchor)
+    result["bd_rate"] = bd_rate_table(result, anchor, metrics=("psnr", "ms_ssim", "lpips"))
     return result
 
 
