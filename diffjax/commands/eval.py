@@ -38,6 +38,8 @@ examples:
   diffjax eval --video ../shared/data/basketballpass --frames 30 --out /tmp/vrd
   diffjax eval --video clip.mp4 --frames 8 --codec residual=runs/res --baselines x264 \\
       --out /tmp/vrd
+  diffjax eval --video clip.mp4 --frames 8 --codec residual-video=MODEL --crf 40,30,20 \\
+      --baselines x265 --sweep x265=40,30,20 --anchor x265 --out /tmp/vrd  # same bytes
 """
 
 
@@ -54,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="diffjax codec rate point (see below)")
     parser.add_argument("--codec-kwargs", default="{}", metavar="JSON",
                         help="constructor arguments for --codec NAME / NAME=PATH")
+    parser.add_argument("--crf", metavar="C1,C2,...",
+                        help="codecs with a video-codec backbone (residual-video): one rate "
+                             "point per CRF for each --codec NAME=PATH / PATH")
     parser.add_argument("--random-init", action="store_true",
                         help="allow --codec NAME with random parameters (smoke tests only)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
@@ -91,6 +96,17 @@ def _parse_sweeps(items: list[str]) -> dict:
     return out
 
 
+def _parse_crfs(text: str | None) -> list:
+    from diffjax.errors import InputError
+
+    if not text:
+        return []
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise InputError(f"--crf {text!r}: expected a comma list of integers") from err
+
+
 def _codec_points(args) -> list:
     from diffjax import codecs
     from diffjax.errors import InputError
@@ -100,15 +116,22 @@ def _codec_points(args) -> list:
         kwargs = json.loads(args.codec_kwargs)
     except json.JSONDecodeError as err:
         raise InputError(f"--codec-kwargs is not JSON: {err}") from err
+    crfs = _parse_crfs(args.crf)
     points = []
     for spec in args.codec:
         name, sep, path = spec.partition("=")
-        if sep:
-            points.append(checkpoint_point(path, codec=name, codec_kwargs=kwargs,
-                                           step=args.step, use_ema=args.ema))
-        elif pathlib.Path(spec).exists():
-            points.append(checkpoint_point(spec, codec_kwargs=kwargs or None, step=args.step,
-                                           use_ema=args.ema))
+        if sep or pathlib.Path(spec).exists():
+            # one point per --crf value for codecs with a video-codec backbone
+            for crf in crfs or [None]:
+                extra = {} if crf is None else {"crf": crf}
+                point = checkpoint_point(path if sep else spec, codec=name if sep else None,
+                                         codec_kwargs={**kwargs, **extra} or None,
+                                         step=args.step, use_ema=args.ema)
+                if crf is not None:
+                    if getattr(point.codec, "crf", None) != crf:
+                        raise InputError(f"--crf: the {point.codec.name} codec has no crf")
+                    point.label, point.setting["crf"] = f"crf={crf}", crf
+                points.append(point)
         elif spec in codecs.available():
             if not args.random_init:
                 raise InputError(f"--codec {spec}: no parameters given (use NAME=CHECKPOINT, "
