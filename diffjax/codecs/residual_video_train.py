@@ -98,9 +98,15 @@ class ResidualVideoTask(Task):
         params = self.model.init({"params": rng}, x, jnp.zeros((1,), jnp.int32),
                                  jnp.zeros((1,), jnp.float32))["params"]
         if self.init_from_image:
+            import flax.linen as nn
+
             from diffjax.models.video_refiner import from_image_params
 
-            params = from_image_params(params, self._image_params(), self.model)
+            loaded = from_image_params(params, self._image_params(), self.model)
+            is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+            # keep the logical-axis boxes of init (the train loop's shardings read them)
+            params = jax.tree.map(lambda box, v: box.replace_boxed(v) if is_box(box) else v,
+                                  params, loaded, is_leaf=is_box)
         return params
 
     def _image_params(self):

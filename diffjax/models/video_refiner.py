@@ -177,10 +177,11 @@ def from_image_params(video_params: Mapping[str, Any], image_params: Mapping[str
     for the learned backbone, the latent and quality rows) are copied; the rows of the
     previous frame and of the CRF map are zero, so the new inputs start switched off.
     Any other mismatch (widths, ``patch``, ``M``, qualities) is a ``CheckpointError``.
-    Works on numpy or jax arrays, also under tracing (a task's ``init_params``)."""
+    Works on numpy or jax arrays, also under tracing (a task's ``init_params``); returns
+    unboxed parameters."""
     from diffjax.train.checkpoint import check_same_structure
 
-    video, image = dict(video_params), dict(image_params)
+    video, image = dict(nn.meta.unbox(video_params)), dict(image_params)  # boxed from init
     if "refiner" not in image or "unet" not in image["refiner"]:
         raise CheckpointError("not residual image codec parameters (no refiner/unet)")
     v_unet, i_unet = dict(video["refiner"]["unet"]), dict(image["refiner"]["unet"])
