@@ -145,7 +145,7 @@ def test_damaged_sections_are_typed_errors(tiny):
     # (<= 100) in the refiner section, which steps=0 overrides, or junk appended after the
     # stream's last picture, which ffmpeg ignores (its pictures keep their MD5)
     want, errors = decode(data), 0
-    cases = section_cases(data, 1, 6, seed=5) + section_cases(data, 0, 24, seed=6)
+    cases = section_cases(data, 1, 4, seed=5) + section_cases(data, 0, 12, seed=6)
     for bad in cases:
         try:
             got = decode(bad)
@@ -155,7 +155,7 @@ def test_damaged_sections_are_typed_errors(tiny):
         np.testing.assert_array_equal(got, want)
         r, s = B.unpack(bad)[1]
         assert (r[:2] + r[3:], s[:len(stream)]) == (refiner[:2] + refiner[3:], stream)
-    assert errors >= len(cases) - 4
+    assert errors >= len(cases) - 3
     with pytest.raises(B.CorruptError, match="MD5"):
         flipped = bytearray(stream)
         flipped[len(stream) // 2] ^= 16
@@ -188,6 +188,26 @@ def test_bad_arguments_are_input_errors(tiny):
                           pretrained.load_model(TINY_IMAGE).params, wide.model)
 
 
+def test_partial_load_copies_the_image_rows_and_zeroes_the_new_ones(tiny):
+    codec, params, _, _, _ = tiny
+    image = pretrained.load_model(TINY_IMAGE).params
+    loaded = jax.tree.map(np.asarray, from_image_params(
+        jax.tree.map(lambda s: np.ones(s.shape, s.dtype), _abstract(codec)), image,
+        codec.model))
+    img_in, vid_in = image["refiner"]["unet"]["conv_in"], loaded["refiner"]["unet"]["conv_in"]
+    rows = 2 * 3 * codec.model.patch ** 2  # r_t and the backbone frame
+    np.testing.assert_array_equal(vid_in["kernel"][..., :rows, :], img_in["kernel"][..., :rows, :])
+    assert vid_in["kernel"].shape[-2] == rows + 1 + rows // 2  # + CRF map, previous frame
+    assert not vid_in["kernel"][..., rows:, :].any()
+    np.testing.assert_array_equal(vid_in["bias"], img_in["bias"])
+    for a, b in zip(jax.tree.leaves({k: v for k, v in image["refiner"]["unet"].items()
+                                     if k != "conv_in"}),
+                    jax.tree.leaves({k: v for k, v in loaded["refiner"]["unet"].items()
+                                     if k != "conv_in"})):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
 def test_learned_backbone_and_partial_load_from_the_image_model(tiny):
     """The learned backbone codes every frame with the image model's folded hyperprior;
     from the image model with the previous-frame rows at zero, the video refiner *is* the
@@ -240,6 +260,4 @@ def test_refined_decode_without_previous_frame_conditioning(tiny, backbone):
     out = codec.decode(params, data)
     assert out.shape == source.shape
     np.testing.assert_array_equal(out, codec.decode(params, data))
-    # frame by frame: a clip of the last frame alone refines it the same way, up to the
-    # noise, which depends on the frame index, so compare the base-only decodes instead
     assert np.abs(out.astype(int) - codec.decode(params, data, steps=0)).mean() > 0.5
