@@ -176,6 +176,7 @@ BUILTIN: dict[str, tuple[int, str]] = {
     "hyperprior": (1, "diffjax.codecs.hyperprior"),
     "residual": (2, "diffjax.codecs.residual"),
     "foundation": (3, "diffjax.codecs.foundation"),
+    "diffae": (4, "diffjax.codecs.diffae"),
     "residual-video": (6, "diffjax.codecs.residual_video"),
     "intra": (7, "diffjax.codecs.intra"),
 }

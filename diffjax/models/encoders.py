@@ -1,4 +1,4 @@
-"""EfficientNetV2-S image encoder (Flax Linen, NHWC): torchvision's ``efficientnet_v2_s().features``.
+"""EfficientNetV2-S image encoder (Flax Linen, NHWC): torchvision's ``efficientnet_v2_s``.
 
 Tan & Le, "EfficientNetV2: Smaller Models and Faster Training", ICML 2021 (Table 4: the
 V2-S stages). Rampas, "On Neural Compression using Diffusion Autoencoders" (2024, sec. 3.2,
@@ -28,8 +28,8 @@ depth when ``stochastic_depth_prob > 0``) normalises with batch statistics and u
 running ones; the one documented difference from torch is that Flax keeps the *biased*
 batch variance in ``var`` where torch keeps the unbiased one (a factor ``n / (n - 1)`` on a
 running average; irrelevant at inference). With ``fold_bn=True`` every BatchNorm is folded
-into its conv (``kernel * γ/sqrt(σ²+ε)``, bias ``β - μ γ/sqrt(σ²+ε)``): no ``batch_stats``,
-one fewer pass per layer; :func:`fold_batchnorm` turns trained variables into those params.
+into its conv (``kernel * γ/sqrt(σ²+ε)``, bias ``β - μ γ/sqrt(σ²+ε)``): no
+``batch_stats``, one fewer pass per layer; :func:`fold_batchnorm` turns trained variables into those params.
 
 Width and depth scale like torchvision's ``MBConvConfig`` (:func:`efficientnet_v2_s_stages`:
 channels ``make_divisible(c * width_mult, 8)``, layers ``ceil(n * depth_mult)``), which gives
@@ -296,7 +296,8 @@ class EfficientNetV2(nn.Module):
                                 name=f"features_{s}_{j}", **kw)(x, train)
                 index += 1
             outputs.append(x)
-        x = ConvBNAct(self.last_channels, 1, name=f"features_{len(self.stages) + 1}", **kw)(x, train)
+        head = f"features_{len(self.stages) + 1}"
+        x = ConvBNAct(self.last_channels, 1, name=head, **kw)(x, train)
         outputs.append(x)
         return (x, outputs) if return_stages else x
 

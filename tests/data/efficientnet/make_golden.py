@@ -9,12 +9,12 @@ virtual environment (torch 2.14.1 + torchvision 0.29.1, CPU, float32)::
 
 Golden (``golden.npz``, committed): a reduced-width EfficientNetV2-S built from
 torchvision's ``FusedMBConvConfig`` / ``MBConvConfig`` (width 0.25 via torchvision's
-``adjust_channels``, 1-2 layers per stage so that every block kind has a residual block: stage 1
-(fused, expand 1), stage 2 (fused, expand 4) and stage 6 (MBConv),
-last conv to 320 channels), random weights with non-trivial BatchNorm statistics (random
-affines and squeeze-excitation biases, then running statistics accumulated over random
-batches in train mode; see :func:`randomise`), in eval mode. Saved: the ``features`` state dict (``sd/<key>``),
-the stage table (``config``, JSON), two inputs (``x`` 2x3x64x64 and ``x_odd`` 1x3x40x56,
+``adjust_channels``; 1-2 layers per stage so that every block kind has a residual block:
+stage 1 (fused, expand 1), stage 2 (fused, expand 4) and stage 6 (MBConv); last conv to 320
+channels), random weights with non-trivial BatchNorm statistics (random affines and
+squeeze-excitation biases, then running statistics accumulated over random batches in
+train mode; see :func:`randomise`), in eval mode. Saved: the ``features`` state dict
+(``sd/<key>``), the stage table (``config``, JSON), two inputs (``x`` 2x3x64x64 and ``x_odd`` 1x3x40x56,
 NCHW) and the outputs of every ``features[i]`` for ``x`` (``stage_i``) and the final
 output for ``x_odd`` (``out_odd``).
 
