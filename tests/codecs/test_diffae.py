@@ -147,3 +147,19 @@ def test_loss_trains_every_part(codec, params):
         assert any(np.any(g != 0) for g in leaves), part
     assert not np.allclose(stats["proj_norm"]["mean"],
                            params["encoder"]["batch_stats"]["proj_norm"]["mean"])
+
+
+@pytest.mark.slow
+def test_taef2_first_stage_roundtrip():
+    """The default first stage (TAEF2 weights from ../shared/data/taesd), small networks."""
+    kw = get_config("").codec.to_dict()
+    kw.update(unet_config=get_config("smoke").codec.to_dict()["unet_config"],
+              encoder_width=0.25, encoder_depth=0.1, num_steps=2)
+    codec = DiffAECodec(quality=1, **kw)
+    assert (codec.first_stage.channels, codec.first_stage.factor, codec.up) == (32, 8, 4)
+    params = codec.init(jax.random.key(0))
+    image = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    data = codec.encode(params, image)
+    out = codec.decode(params, data)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    np.testing.assert_array_equal(codec.decode(params, data), out)
