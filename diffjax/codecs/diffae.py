@@ -324,7 +324,7 @@ class DiffAECodec(Codec):
         fingerprint, table, medians = self._prepared(params)
         images = [check_image(im) for im in images]
         q, step = self.quality, self.quant_steps[self.quality]
-        rows = self.rows(q, (self.latent_channels,))[0]
+        rows = self.rows(q, (self.latent_channels,))  # this quality's densities
         out: list = [None] * len(images)
         for members in group_indexes(images, lambda im: im.shape).values():
             x = np.stack([pad_to_multiple(images[i], self.stride) for i in members])
