@@ -118,21 +118,25 @@ def _smoke_config(cache_path, spec):
 
 
 @pytest.fixture(scope="module")
-def runs(cache, tmp_path_factory):
-    """4 smoke steps in one run, and 2 + 2 with a restart (Orbax resume)."""
+def whole_run(cache, tmp_path_factory):
+    """4 smoke steps in one run (the workdir and the final state)."""
+    from diffjax.train.loop import train
+
+    spec, path = cache
+    whole = tmp_path_factory.mktemp("whole")
+    return whole, train(_smoke_config(path, spec), whole, progress=False)
+
+
+@pytest.mark.slow  # two more compiled training runs; the loop's resume is tested in tests/train
+def test_smoke_training_resumes_exactly(cache, whole_run, tmp_path_factory):
     from diffjax.train.loop import train
 
     spec, path = cache
     c = _smoke_config(path, spec)
-    whole, split = tmp_path_factory.mktemp("whole"), tmp_path_factory.mktemp("split")
-    state = train(c, whole, progress=False)
+    split = tmp_path_factory.mktemp("split")
     train(c, split, progress=False, stop_after=2)
     resumed = train(c, split, progress=False)
-    return whole, split, state, resumed
-
-
-def test_smoke_training_resumes_exactly(runs):
-    whole, split, state, resumed = runs
+    whole, state = whole_run
     assert int(state.step) == int(resumed.step) == 4
     for a, b in zip(jax.tree.leaves((state.params, state.ema_params)),
                     jax.tree.leaves((resumed.params, resumed.ema_params))):
@@ -144,21 +148,21 @@ def test_smoke_training_resumes_exactly(runs):
 
 
 @pytest.fixture(scope="module")
-def exported(runs, tmp_path_factory):
+def exported(whole_run, tmp_path_factory):
     from experiments.export_ldm import export
 
-    whole = runs[0]
+    whole = whole_run[0]
     out = tmp_path_factory.mktemp("export") / "ldm_taef2"
     # max_mb below the float32 size: the float16 path the cpu / gpu models take
     return export(str(whole), str(out), max_mb=1.0)
 
 
-def test_export_loads_through_load_pretrained_like_a_converted_unet(runs, exported):
+def test_export_loads_through_load_pretrained_like_a_converted_unet(whole_run, exported):
     from diffjax.convert import load_pretrained
     from diffjax.convert.core import read_model_config
     from diffjax.models.unet import UNet2DConditionModel
 
-    state = runs[2]
+    state = whole_run[1]
     module, params = load_pretrained(exported)
     assert isinstance(module, UNet2DConditionModel) and module.prediction_type == "v_prediction"
     ema = jax.tree.map(np.asarray, state.ema_params["unet"])
