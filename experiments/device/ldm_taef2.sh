@@ -6,7 +6,8 @@
 # the frozen TAEF2 encoder) is built first, outside the training's time budget.
 #
 #   experiments/device/prepare.sh            # once, here: fills the ignored .device/ folder
-#   run tool: command "experiments/device/ldm_taef2.sh", carry [".device"], timeout 600
+#   run tool: command "experiments/device/ldm_taef2.sh",
+#             carry [".device/whl", ".device/data"], timeout 600
 #   experiments/device/ldm_taef2.sh smoke    # here, on the CPU: the tiny config
 #
 # $OUT/work is the training workdir (checkpoint + metrics.jsonl: resume it with the same

