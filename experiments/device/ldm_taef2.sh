@@ -15,17 +15,7 @@
 # (diffjax.convert.load_pretrained); evaluate it here with
 #   python -m experiments.eval_ldm $OUT/ldm_taef2-gpu --out results/ldm_taef2
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-MODE=${1:-gpu}
-OUT=${OUT:-/tmp/diffjax-device-out}
-DEV=.device
-export PYTHONUNBUFFERED=1
-if ! python3 -c "import grain, constriction, ml_collections" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site $DEV/whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
+source "$(dirname "$0")/common.sh" "$@"
 case $MODE in
   gpu)   CFG=gpu; LIMITS=(--stop_after_minutes=7)
          # the shared data layout the config expects, from what prepare.sh carried

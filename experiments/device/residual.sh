@@ -13,17 +13,7 @@
 #   diffjax compress photo.png --model $OUT/residual-gpu
 # and rerun the Kodak bench of the model card before shipping it.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-MODE=${1:-gpu}
-OUT=${OUT:-/tmp/diffjax-device-out}
-DEV=.device
-export PYTHONUNBUFFERED=1
-if ! python3 -c "import grain, constriction, ml_collections" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site $DEV/whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:$PWD/$DEV/pylib:${PYTHONPATH:-}
+source "$(dirname "$0")/common.sh" "$@"
 DATA=$DEV/data/bsds500_trainval
 WORK=${WORK:-/tmp/diffjax-device-runs}
 case $MODE in

@@ -16,17 +16,7 @@
 #   diffjax compress clip.mp4 --codec residual-video --crf 30 --model $OUT/residual-video-gpu
 # and run the evaluation of issue 28 (experiments/eval_residual_video.py) before shipping it.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-MODE=${1:-gpu}
-OUT=${OUT:-/tmp/diffjax-device-out}
-DEV=.device
-export PYTHONUNBUFFERED=1
-if ! python3 -c "import grain, constriction, ml_collections" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site $DEV/whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:$PWD/$DEV/pylib:${PYTHONPATH:-}
+source "$(dirname "$0")/common.sh" "$@"
 WORK=${WORK:-/tmp/diffjax-device-runs}
 CFG=experiments/configs/residual_video.py
 case $MODE in

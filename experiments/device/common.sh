@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Sourced by every device script (`source "$(dirname "$0")/common.sh"`): moves to the
+# repository root and sets MODE (the script's first argument, default gpu), OUT (the run
+# tool's output folder) and DEV (.device, filled by prepare.sh); installs the carried wheels
+# of what the device image lacks (grain, array_record, constriction, ml_collections) when
+# they are missing, and puts the checkout and the carried data-only packages on PYTHONPATH.
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+MODE=${1:-gpu}
+OUT=${OUT:-/tmp/diffjax-device-out}
+DEV=.device
+export PYTHONUNBUFFERED=1
+if ! python3 -c "import grain, constriction, ml_collections" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site $DEV/whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:$PWD/$DEV/pylib:${PYTHONPATH:-}
