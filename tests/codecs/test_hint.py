@@ -1,0 +1,187 @@
+"""The hint-guided video codec (IKIN, issue 26) on the tiny ``smoke`` model.
+
+One encode of 3 frames (18x26, odd window padding: 2 windows of 2) of a training clip with
+a one-level SD-layout UNet, a motion module, a canny ControlNet and the colour hint as the
+start image, all random (``experiments/configs/hint.py:smoke``):
+
+* the file decodes in a fresh process (``diffjax decompress`` with the model folder) to the
+  frames this process decodes, bit for bit;
+* every hint section is a plain H.264 stream: ``ffmpeg`` decodes it to the pictures the
+  receiver conditions on, and those are the transmitter's;
+* the LoRA section unpacks to the adapter the transmitter trained (8-bit quantised);
+* the section sizes add up to the file; damaged sections inside a valid container, damaged
+  containers, a foreign model and bad settings get typed errors;
+* the depth sources (folder, video, callable) and the temporal median filter.
+"""
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import diffjax.codecs
+from diffjax.codecs import hint_guidance as G
+from diffjax.codecs import pretrained
+from diffjax.codecs.hint import PRESETS, HintCodec
+from diffjax.entropy import bitstream as B
+from diffjax.entropy.info import describe
+from diffjax.errors import BitstreamError, InputError
+from diffjax.io.video import read_video, write_video
+from diffjax.nn import lora as L
+from experiments.configs.hint import build, get_config
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "entropy"))
+from bitstream_fuzz import fuzz_cases, run_fuzz, section_cases  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, shared_data):
+    """(codec, params, model folder, frames, fps, transmission)."""
+    root = tmp_path_factory.mktemp("hint")
+    kwargs, params = build(get_config("smoke"))
+    pretrained.save_model(root / "model", "hint", kwargs, params)
+    codec, params = diffjax.codecs.load(root / "model")
+    frames, fps = read_video(next((shared_data / "video_clips").glob("carphone*")), max_frames=3)
+    frames = np.ascontiguousarray(frames[:, 40:58, 60:86])
+    sent = codec.transmit_clip(params, frames, fps=fps)
+    return codec, params, root / "model", frames, fps, sent
+
+
+@pytest.fixture(scope="module")
+def decoded(tiny):
+    codec, params, _, _, _, sent = tiny
+    return codec.decode(params, sent.data)
+
+
+def test_fresh_process_decode_is_bit_identical(tiny, decoded, tmp_path):
+    codec, params, model, frames, fps, sent = tiny
+    assert decoded.shape == frames.shape and decoded.dtype == np.uint8
+    (tmp_path / "c.djx").write_bytes(sent.data)
+    env = {**os.environ, "DIFFJAX_COMPILATION_CACHE": "0"}
+    proc = subprocess.run([sys.executable, "-m", "diffjax", "decompress", str(tmp_path / "c.djx"),
+                           "-o", str(tmp_path / "d.mkv"), "--model", str(model)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    there, there_fps = read_video(tmp_path / "d.mkv")  # FFV1: lossless
+    np.testing.assert_array_equal(there, decoded)
+    assert there_fps == fps
+    assert decoded.std() > 1.0  # not a constant picture
+
+
+def test_hint_sections_are_plain_ffmpeg_streams(tiny, tmp_path):
+    codec, params, _, frames, _, sent = tiny
+    parts = codec.split(params, sent.data)
+    assert list(parts["hints"]) == ["canny", "colour"] == list(codec.transmit)
+    for name, hint in parts["hints"].items():
+        stream = sent.sections[f"hint/{name}"]
+        (tmp_path / f"{name}.h264").write_bytes(stream)
+        raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(tmp_path / f"{name}.h264"),
+                              "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], capture_output=True,
+                             check=True).stdout
+        h, w = hint["size"]
+        assert (h, w) == G.stream_size(18, 26, PRESETS["exp1"][name]["scale"]) == \
+            {"canny": (16, 16), "colour": (18, 26)}[name]  # 1/2 (at least 16 px), full size
+        plain = np.frombuffer(raw, np.uint8).reshape(3, h, w, 3)
+        np.testing.assert_array_equal(hint["pictures"], plain)           # what the receiver used
+        np.testing.assert_array_equal(sent.hints[name]["pictures"], plain)  # = the transmitter's
+        assert hint["crf"] == 51 and hint["codec"] == "h264"
+    # the colour stream codes the frames, the canny stream their edges (thresholds 100/200)
+    colour = parts["hints"]["colour"]["pictures"].astype(int)
+    assert np.abs(colour - frames).mean() < 40
+    edges = G.canny(frames, 100, 200)
+    assert 0 < edges.mean() < 255 and set(np.unique(edges)) <= {0, 255}
+
+
+def test_lora_section_is_the_trained_adapter(tiny):
+    codec, params, _, _, _, sent = tiny
+    trained = sent.lora["lora"]
+    got = L.unpack(sent.sections["lora"], like=params["unet"])
+    np.testing.assert_equal(got, L.unpack(L.pack(trained, 8)))
+    assert sorted(L.entries(got)) == sorted(L.entries(trained))
+    assert len(sent.losses) == 2 and all(np.isfinite(sent.losses))
+    # trained away from the identity (attn2's to_v sees the zeros context: no gradient)
+    assert any(float(np.abs(e["up"]).max()) > 0 for e in L.entries(trained).values())
+    for path, entry in L.entries(trained).items():
+        for k in ("down", "up"):
+            step = np.abs(entry[k]).max(axis=tuple(range(entry[k].ndim - 1))) / 127
+            assert np.all(np.abs(L.entries(got)[path][k] - entry[k]) <= step / 2 + 1e-6)
+    assert codec.split(params, sent.data)["lora"].keys() == got.keys()
+
+
+def test_every_byte_is_counted(tiny):
+    codec, params, _, _, _, sent = tiny
+    data = sent.data
+    info = describe(data)
+    assert info["codec"] == "hint" and info["frames"] == 3
+    assert info["header_bytes"] + sum(info["section_bytes"]) == len(data)
+    assert info["section_bytes"] == [len(s) for s in sent.sections.values()]
+    sizes = codec.split(params, data)["sizes"]
+    assert sum(sizes.values()) == len(data)
+    assert set(sizes) == {"container", "settings", "lora", "hint/canny", "hint/colour"}
+
+
+def test_damaged_files_get_typed_errors(tiny):
+    codec, params, _, _, _, sent = tiny
+    data = sent.data
+    decode = lambda d: codec.split(params, d)  # noqa: E731 - everything is verified there
+    for index, n in ((0, 12), (1, 12), (2, 4), (3, 4)):  # settings, LoRA, canny, colour
+        for k, bad in enumerate(section_cases(data, index, n, seed=index)):
+            try:
+                decode(bad)
+            except BitstreamError:
+                continue
+            pytest.fail(f"section {index}, case {k}: {B.unpack(bad)[1][index].hex()} vs "
+                        f"{B.unpack(data)[1][index].hex()} decoded")
+    run_fuzz(decode, data, fuzz_cases(data, 100, seed=5), per_case_s=5.0)
+    other = dict(params, unet=dict(params["unet"], conv_in={
+        k: v + 1 for k, v in params["unet"]["conv_in"].items()}))
+    with pytest.raises(B.WrongModelError):
+        codec.decode(params=other, data=data)
+
+
+def test_settings_and_presets(tiny):
+    codec, params, model, frames, _, _ = tiny
+    kwargs = pretrained.load_model(model).config
+    for preset in ("exp1", "exp2"):
+        c = HintCodec(**{**kwargs, "preset": preset, "hint_codec": "h265"})
+        for name, want in PRESETS[preset].items():
+            cfg = c.hint_settings[name]
+            assert (cfg["scale"], cfg["crf"], cfg["codec"]) == (want["scale"], 51, "h265")
+    assert G.stream_size(480, 640, 0.25) == (120, 160) and G.stream_size(480, 640, 0.5) == \
+        (240, 320)
+    c = HintCodec(**{**kwargs, "hints": {"canny": {"crf": 40, "low": 50, "scale": 0.25}}})
+    assert c.hint_settings["canny"] == {"codec": "h264", "control_scale": 1.0, "low": 50,
+                                        "high": 200, "scale": 0.25, "crf": 40}
+    bad = [{"preset": "exp3"}, {"hint_codec": "vp9"}, {"hints": {"canny": {"crf": 60}}},
+           {"hints": {"canny": {"blur": 1}}}, {"hints": {"edges": {}}}, {"transmit": ["depth"]},
+           {"strength": 0.0}, {"window": 9}, {"lora_bits": 3}, {"steps": 0},
+           {"transmit": ["colour"]}]
+    for b in bad:
+        with pytest.raises(InputError):
+            HintCodec(**{**kwargs, **b})
+    with pytest.raises(InputError):
+        codec.encode(params, frames[..., 0])
+
+
+def test_depth_sources_and_median(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 256, (4, 12, 10, 3), np.uint8)
+    depth = np.random.default_rng(1).random((4, 6, 5)).astype(np.float32) * 7 + 1
+    want = G.depth_pictures(lambda f: depth, frames)
+    assert want.shape == frames.shape and want.min() == 0 and want.max() == 255
+    folder = tmp_path / "depth"
+    folder.mkdir()
+    for i, d in enumerate(depth):
+        np.save(folder / f"{i:03d}.npy", d)
+    np.testing.assert_array_equal(G.depth_pictures(str(folder), frames), want)
+    grey = np.repeat(np.rint(depth / 8 * 255).astype(np.uint8)[..., None], 3, -1)
+    grey = np.pad(grey, ((0, 0), (0, 0), (0, 1), (0, 0)), mode="edge")  # even sides
+    write_video(tmp_path / "depth.mkv", grey, fps=25)
+    assert G.depth_pictures(str(tmp_path / "depth.mkv"), frames).shape == frames.shape
+    x = np.arange(5, dtype=np.float32)[:, None] * np.array([1, -1], np.float32)
+    x[2] = 100.0
+    np.testing.assert_array_equal(G.temporal_median(x, 1)[:, 0], [0.5, 1, 3, 4, 3.5])  # x = 0, 1, 100, 3, 4
+    for source in (None, str(tmp_path / "missing"), lambda f: depth[:2]):
+        with pytest.raises(InputError):
+            G.depth_pictures(source, frames)
