@@ -177,8 +177,10 @@ BUILTIN: dict[str, tuple[int, str]] = {
     "residual": (2, "diffjax.codecs.residual"),
     "foundation": (3, "diffjax.codecs.foundation"),
     "diffae": (4, "diffjax.codecs.diffae"),
+    "hint": (5, "diffjax.codecs.hint"),
     "residual-video": (6, "diffjax.codecs.residual_video"),
     "intra": (7, "diffjax.codecs.intra"),
+    "diffae-video": (8, "diffjax.codecs.diffae_video"),
 }
 
 
