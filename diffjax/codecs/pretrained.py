@@ -179,9 +179,10 @@ def _load_workdir(path: pathlib.Path, step: int | None = None,
     if not task.codec_name:
         raise CheckpointError(f"{str(path)!r} trains task {cfg['task'].get('name')!r}, which "
                               "is not a codec")
+    state = info.get("model_state") or {}
     info = {**task.provenance(), "step": info["step"], "ema": info["ema"],
             "task": cfg["task"].get("name")}
-    params = task.codec_params(params)
+    params = task.codec_params(task.merge_model_state(params, state) if state else params)
     return LoadedModel(task.codec_name, task.codec_kwargs(), _device(_to_numpy(params)), info,
                        str(path))
 

@@ -59,12 +59,34 @@ class Checkpointer:
     def restore(self, step: int, target: Any) -> Any:
         """Restore the state saved at ``step`` into the layout of ``target`` (an abstract
         tree of ``jax.ShapeDtypeStruct`` with shardings, see ``state.with_shardings``)."""
+        legacy = self._without_model_state(step, target)
         try:
             out = self.manager.restore(
-                int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+                int(step), args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target if legacy is None else legacy)))
         except (ValueError, KeyError, FileNotFoundError) as err:
             raise CheckpointError(f"cannot restore step {step} from {self.directory}: {err}") from err
-        return out.state
+        if legacy is None:
+            return out.state
+        return target.replace(**dict(out.state), model_state={})
+
+    def _without_model_state(self, step: int, target: Any):
+        """Checkpoints written before ``TrainState.model_state`` existed have no such item:
+        for a target whose model state is empty, the other fields as a dict (restored,
+        then put back into the target's dataclass with ``model_state={}``); else ``None``."""
+        if not hasattr(target, "model_state") or not hasattr(target, "replace"):
+            return None
+        try:
+            saved = self.manager.item_metadata(int(step))["state"]
+            saved = getattr(saved, "tree", saved)
+        except Exception:  # no metadata: let the restore itself report
+            return None
+        if not isinstance(saved, Mapping) or "model_state" in saved:
+            return None
+        if jax.tree.leaves(target.model_state):
+            raise CheckpointError(f"step {step} in {self.directory} has no model state "
+                                  "(e.g. BatchNorm statistics), which this task needs")
+        return {k: getattr(target, k) for k in saved}
 
     def restore_config(self, step: int) -> dict:
         out = self.manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
@@ -108,7 +130,9 @@ def read_workdir_params(workdir: str | os.PathLike, *, step: int | None = None,
     EMA) of checkpoint ``step`` (default: the latest) without rebuilding the optimizer, so a
     run can be exported, evaluated or used to initialise another run while it trains.
     ``task``: the expected ``config.task.name`` (a clear error for another kind of run).
-    ``info = {"step", "ema"}``.
+    ``info = {"step", "ema", "model_state"}`` (``model_state``: the run's non-parameter
+    collections such as BatchNorm statistics, ``{}`` for most tasks; see
+    :meth:`diffjax.train.task.Task.merge_model_state`).
     """
     import json
     import warnings
@@ -160,7 +184,8 @@ def read_workdir_params(workdir: str | os.PathLike, *, step: int | None = None,
         raise CheckpointError(f"{step_dir} has no EMA parameters (ema_decay was 0)")
     ema = has_ema if use_ema is None else bool(use_ema)
     params = jax.tree.map(np.asarray, state["ema_params" if ema else "params"])
-    return cfg, params, {"step": step, "ema": ema}
+    model_state = jax.tree.map(np.asarray, state.get("model_state") or {})
+    return cfg, params, {"step": step, "ema": ema, "model_state": model_state}
 
 
 def check_same_structure(loaded: Any, expected: Any, what: str) -> None:

@@ -70,11 +70,12 @@ def _initialise_from(state: st.TrainState, init_from: str, verbose: bool) -> st.
     such as a shipped model), e.g. to fine-tune a subtree of a trained model with other
     losses or frozen parts, or to continue training shipped weights. Step, optimizer
     state and RNG stay those of a fresh run; EMA parameters (if any) start from the loaded
-    parameters. Any missing, unexpected or mis-shaped parameter is a ``CheckpointError``
+    parameters, the model state (BatchNorm statistics) of a stateful task from the loaded one. Any missing, unexpected or mis-shaped parameter is a ``CheckpointError``
     listing them."""
     if not init_from:
         return state
     from diffjax.train.checkpoint import check_same_structure, read_workdir_params
+    from diffjax.train.task import split_tree
 
     folder = pathlib.Path(init_from)
     if (folder / "params.msgpack").is_file():
@@ -87,15 +88,22 @@ def _initialise_from(state: st.TrainState, init_from: str, verbose: bool) -> st.
                                   f"{err}") from err
         meta = folder / "model.json"
         info = {"step": json.loads(meta.read_text()).get("step") if meta.is_file() else None}
+        # a model folder holds the merged tree (codec parameters + model state)
+        loaded, info["model_state"] = split_tree(loaded, state.model_state)
     else:
         _, loaded, info = read_workdir_params(init_from, use_ema=False)
     check_same_structure(loaded, state.params, f"init_from {init_from!r}")
-    params = jax.tree.map(lambda a, ref: jax.device_put(np.asarray(a, ref.dtype), ref.sharding),
-                          loaded, state.params)
+    put = lambda a, ref: jax.device_put(np.asarray(a, ref.dtype), ref.sharding)  # noqa: E731
+    params = jax.tree.map(put, loaded, state.params)
     ema = jax.tree.map(jnp.copy, params) if jax.tree.leaves(state.ema_params) else state.ema_params
+    model_state = state.model_state
+    if jax.tree.leaves(model_state):  # e.g. BatchNorm statistics: taken over too
+        check_same_structure(info["model_state"], model_state,
+                             f"init_from {init_from!r} (model state)")
+        model_state = jax.tree.map(put, info["model_state"], model_state)
     if verbose:
         print(f"diffjax train: parameters initialised from {init_from} (step {info['step']})")
-    return state.replace(params=params, ema_params=ema)
+    return state.replace(params=params, ema_params=ema, model_state=model_state)
 
 
 def train(config, workdir: str | pathlib.Path, *, hooks: Iterable[Hook] = (),

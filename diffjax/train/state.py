@@ -1,8 +1,10 @@
 """The train state pytree and its creation directly in sharded form.
 
 ``TrainState`` holds everything a run needs to continue bit-exactly: parameters,
-optimizer state, EMA parameters, the step counter and the root RNG key (raw ``uint32[2]``
-so Orbax stores it as a plain array). Per-step randomness is ``fold_in(rng, step)``
+optimizer state, EMA parameters, the step counter, the root RNG key (raw ``uint32[2]``
+so Orbax stores it as a plain array) and the task's non-trained model state
+(``model_state``: e.g. BatchNorm running statistics, updated by the step rather than by
+the optimizer; ``{}`` for tasks without any, see :meth:`Task.init_model_state`). Per-step randomness is ``fold_in(rng, step)``
 (DESIGN: one root key), so the key itself never changes.
 
 Sharded creation (the pjit recipe): ``jax.eval_shape`` of the init function gives the
@@ -31,13 +33,16 @@ from diffjax.train.task import Task
 @flax.struct.dataclass
 class TrainState:
     """``step`` int32 scalar; ``params``/``ema_params`` parameter trees (``ema_params`` is
-    an empty dict when EMA is off); ``opt_state`` the optax state; ``rng`` uint32[2]."""
+    an empty dict when EMA is off); ``opt_state`` the optax state; ``rng`` uint32[2];
+    ``model_state`` the task's mutable non-parameter collections (``{}`` for most tasks;
+    checkpoints written before it existed restore with ``{}``)."""
 
     step: jax.Array
     params: Any
     opt_state: Any
     ema_params: Any
     rng: jax.Array
+    model_state: Any = flax.struct.field(default_factory=dict)
 
 
 def abstract_batch(batch: Mapping[str, Any], global_batch_size: int | None = None):
@@ -61,7 +66,8 @@ def init_train_state(rng: jax.Array, *, batch_spec: Mapping[str, Any], task: Tas
     params = nn.meta.unbox(task.init_params(init_rng, batch_spec))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       ema_params=jax.tree.map(jnp.copy, params) if use_ema else {},
-                      rng=jnp.asarray(rng, jnp.uint32))
+                      rng=jnp.asarray(rng, jnp.uint32),
+                      model_state=nn.meta.unbox(task.init_model_state(init_rng, batch_spec)))
 
 
 def state_shardings(rng: jax.Array, batch_spec: Mapping[str, Any], *, task: Task,
@@ -82,6 +88,7 @@ def state_shardings(rng: jax.Array, batch_spec: Mapping[str, Any], *, task: Task
                                            replicated),
         ema_params=param_sh if use_ema else {},
         rng=replicated,
+        model_state=jax.tree.map(lambda _: replicated, abstract.model_state),
     )
     return abstract, shardings
 

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from diffjax import compile as compile_backbone
 from diffjax.train import sharding as sh
 from diffjax.train.state import TrainState
-from diffjax.train.task import Task, batch_size_of, task_loss
+from diffjax.train.task import Task, batch_size_of, task_loss_and_state
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, task: Task,
@@ -47,11 +47,14 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, task: Task,
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
     def loss_fn(params):
-        return task_loss(task, params, batch, rng, state.step, offset)
+        return task_loss_and_state(task, params, batch, rng, state.step, offset,
+                                   state.model_state)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    if axis_name is not None:
-        grads, loss, metrics = jax.lax.pmean((grads, loss, metrics), axis_name)
+    (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    if axis_name is not None:  # model state (batch statistics): the devices' mean
+        grads, loss, metrics, model_state = jax.lax.pmean((grads, loss, metrics, model_state),
+                                                          axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
@@ -61,7 +64,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, task: Task,
     metrics.update(loss=jnp.asarray(loss, jnp.float32),
                    grad_norm=optax.global_norm(grads).astype(jnp.float32))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              ema_params=ema)
+                              ema_params=ema, model_state=model_state)
     return new_state, metrics
 
 

@@ -35,6 +35,20 @@ that train no codec, e.g. a backbone or adapters), :meth:`Task.codec_kwargs` its
 constructor arguments, :meth:`Task.codec_params` the codec's parameters from the trained
 ones, :meth:`Task.provenance` what the exported ``model.json`` records about training.
 
+**Model state** (e.g. BatchNorm running statistics): a task whose network keeps mutable
+collections besides its parameters sets ``stateful = True``, returns their initial
+values from :meth:`Task.init_model_state` and takes and returns them in its loss:
+``loss_fn(params, batch, rng, step, model_state) -> (loss, metrics, new_model_state)``.
+The train state carries them (``TrainState.model_state``, checkpointed and restored
+with the rest), the step replaces them with the loss's new values (averaged over devices
+under pmap, as flax's ImageNet example does with its batch statistics; under ``jit`` the
+batch statistics are those of the global batch), and the optimizer never sees them.
+A stateful loss couples the examples of a batch, so ``per_example_rng`` must be
+``False``. :meth:`Task.merge_model_state` puts them back into the codec's parameter tree
+(default: a nested-dict merge, so a state ``{"encoder": {"batch_stats": ...}}`` beside
+params ``{"encoder": {"params": ...}}`` gives the Flax variables ``{"encoder": {"params",
+"batch_stats"}}``); exports and ``--model WORKDIR`` read them.
+
 Tasks are registered by name in :data:`TASKS` (``name -> "module:attribute"``, imported
 lazily), like the CLI's command registry; later codecs add one line each.
 """
@@ -58,6 +72,8 @@ TASKS: dict[str, str] = {
     "controlnet": "diffjax.train.controlnet:ControlNetTask",
     "lora_finetune": "diffjax.train.lora_finetune:LoraFinetuneTask",
     "video_denoiser": "diffjax.train.video:VideoDenoiserTask",
+    "diffae": "diffjax.codecs.diffae_train:DiffAETask",
+    "diffae_video": "diffjax.codecs.diffae_train:DiffAEVideoTask",
 }
 
 
@@ -65,6 +81,7 @@ class Task:
     """Base class of training tasks (see the module docstring)."""
 
     per_example_rng: bool = True
+    stateful: ClassVar[bool] = False
     codec_name: ClassVar[str | None] = None
 
     def codec_kwargs(self) -> dict:
@@ -90,6 +107,14 @@ class Task:
         """Label tree for the optimizer; ``None`` = every parameter trains."""
         return None
 
+    def init_model_state(self, rng: jax.Array, batch_spec: Mapping[str, Any]) -> Any:
+        """Initial non-parameter collections (``stateful`` tasks); ``{}`` by default."""
+        return {}
+
+    def merge_model_state(self, params: Any, model_state: Any) -> Any:
+        """Trained ``params`` with the ``model_state`` put back (a nested-dict merge)."""
+        return merge_trees(params, model_state)
+
 
 def build_task(cfg: Mapping[str, Any]) -> Task:
     """Instantiate ``TASKS[cfg["name"]](**cfg["kwargs"])``."""
@@ -103,6 +128,38 @@ def build_task(cfg: Mapping[str, Any]) -> Task:
         return factory(**kwargs)
     except TypeError as err:
         raise InputError(f"task {name!r}: bad arguments {sorted(kwargs)}: {err}") from err
+
+
+def merge_trees(base: Any, extra: Any) -> Any:
+    """Nested dicts: ``base`` with the keys of ``extra`` added (recursively); a key present
+    in both with a non-dict value is an error."""
+    if not extra:
+        return base
+    out = dict(base)
+    for key, value in dict(extra).items():
+        if key in out and isinstance(out[key], Mapping) and isinstance(value, Mapping):
+            out[key] = merge_trees(out[key], value)
+        elif key in out:
+            raise InputError(f"model state key {key!r} clashes with a parameter")
+        else:
+            out[key] = value
+    return out
+
+
+def split_tree(tree: Any, like: Any) -> tuple[Any, Any]:
+    """Inverse of :func:`merge_trees`: ``(tree without the keys of like, those keys)``."""
+    if not like or not isinstance(tree, Mapping):
+        return tree, {}
+    rest, taken = dict(tree), {}
+    for key, sub in dict(like).items():
+        if key not in rest:
+            continue
+        if isinstance(sub, Mapping) and sub and isinstance(rest[key], Mapping) and \
+                set(rest[key]) - set(sub):
+            rest[key], taken[key] = split_tree(rest[key], sub)
+        else:
+            taken[key] = rest.pop(key)
+    return rest, taken
 
 
 def batch_size_of(batch: Mapping[str, Any]) -> int:
@@ -130,3 +187,18 @@ def task_loss(task: Task, params: Any, batch: Mapping[str, jax.Array], rng: jax.
 
     losses, metrics = jax.vmap(one)(batch, keys)
     return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
+
+
+def task_loss_and_state(task: Task, params: Any, batch: Mapping[str, jax.Array],
+                        rng: jax.Array, step: jax.Array, example_offset: jax.Array | int = 0,
+                        model_state: Any = None):
+    """``(loss, (metrics, new_model_state))``: :func:`task_loss` for every task, with the
+    model state passed through (unchanged for tasks that are not ``stateful``)."""
+    if not task.stateful:
+        loss, metrics = task_loss(task, params, batch, rng, step, example_offset)
+        return loss, (metrics, model_state if model_state is not None else {})
+    if task.per_example_rng:
+        raise InputError(f"{type(task).__name__} is stateful (batch statistics couple the "
+                         "examples): set per_example_rng = False")
+    loss, metrics, new_state = task.loss_fn(params, batch, rng, step, model_state)
+    return loss, (metrics, new_state)
