@@ -24,7 +24,8 @@ diffusion decoder generates the image back from that latent.
   UNet input (with the ``log2 Δ`` channel).
 * **Diffusion** (Table 1): variance-preserving cosine schedule (Nichol & Dhariwal 2021,
   ``squaredcos_cap_v2``), x0-prediction with min-SNR(5) weighting (Hang et al. 2023; the
-  thesis's best combination, FID 10.38 vs 10.61 for eps). Sampling: DDPM (Ho et al. 2020)
+  thesis's best combination, FID 10.38 vs 10.61 for eps); ``prediction_type`` selects eps
+  or v instead (the Table 1 ablation; training: :mod:`diffjax.codecs.diffae_train`). Sampling: DDPM (Ho et al. 2020)
   with ``num_steps`` chosen at decode time (default 10, the low end of the thesis's 10-30),
   ``trailing`` timesteps so that the first step starts from pure noise, and
   classifier-free guidance (Ho & Salimans 2022) against the all-zeros condition, scale
@@ -56,6 +57,7 @@ import numpy as np
 from diffjax.codecs.base import (Codec, check_image, crop, fingerprint_pytree, pad_to_multiple,
                                  register)
 from diffjax.diffusion.losses import Weighting, denoising_loss
+from diffjax.diffusion.parameterization import canonical_prediction_type
 from diffjax.diffusion.samplers import make_plan
 from diffjax.diffusion.sampling import CFG, run_plan
 from diffjax.diffusion.schedules import DiscreteSchedule
@@ -138,9 +140,10 @@ class FirstStage:
             "encoder": self.modules[0].init(key, jnp.zeros((1, s, s, 3)))["params"],
             "decoder": self.modules[1].init(key, jnp.zeros((1, 1, 1, self.channels)))["params"]}))
 
-    def load(self, seed: int):
-        """TAESD weights from ``taesd_encoder`` / ``taesd_decoder`` paths, else random."""
-        params = host_random_params(self.param_shapes(), seed, jitter=0.02)
+    def load(self, seed: int, shapes=None):
+        """TAESD weights from ``taesd_encoder`` / ``taesd_decoder`` paths, else random
+        (``shapes``: :meth:`param_shapes`, when already known; host numpy only then)."""
+        params = host_random_params(shapes or self.param_shapes(), seed, jitter=0.02)
         if self.kind == "taesd":
             from diffjax.models.taesd import load_taesd
 
@@ -180,7 +183,8 @@ class DiffAECodec(Codec):
                  unet_config: Mapping | None = None, latent_channels: int = 16,
                  encoder_width: float = 1.0, encoder_depth: float = 1.0,
                  quant_steps: Sequence[float] = QUANT_STEPS, num_steps: int = 10,
-                 guidance_scale: float = 3.0, seed: int = 0, dtype: Any = jnp.float32):
+                 guidance_scale: float = 3.0, seed: int = 0, prediction_type: str = "sample",
+                 dtype: Any = jnp.float32):
         from diffjax.models.unet import UNet2DConditionModel
 
         self.quant_steps = tuple(float(s) for s in quant_steps)
@@ -200,11 +204,14 @@ class DiffAECodec(Codec):
                                      float(encoder_depth), dtype=dtype)
         self.entropy = EntropyBottleneck(len(self.quant_steps) * self.latent_channels)
         c = self.first_stage.channels
+        # what the UNet outputs: x0 ("sample", the thesis's best), "epsilon" or
+        # "v_prediction" (the Table 1 ablation); the sampler converts
+        self.prediction_type = canonical_prediction_type(prediction_type)
         unet_cfg = dict(unet_config, in_channels=c + self.latent_channels + 1, out_channels=c,
-                        prediction_type="sample")
+                        prediction_type=self.prediction_type)
         self.unet = UNet2DConditionModel.from_config(unet_cfg, dtype=dtype)
         self.cross_attention_dim = int(np.ravel([self.unet.cross_attention_dim])[0])
-        self.scheduler_config = dict(SCHEDULER)
+        self.scheduler_config = dict(SCHEDULER, prediction_type=self.prediction_type)
         self.schedule = DiscreteSchedule.from_config(self.scheduler_config)
         self.up = 32 // self.first_stage.factor  # latent grid -> first-stage grid
         if self.up * self.first_stage.factor != 32:
@@ -217,24 +224,31 @@ class DiffAECodec(Codec):
         self._jitted: dict = {}
 
     # ----------------------------------------------------------------- parameters
-    def init(self, rng: jax.Array) -> dict:
-        """Initial parameters: host-drawn encoder/UNet kernels (``N(0, 1/fan_in)``), the
-        bottleneck's own initialisers, the first stage from its paths (else random)."""
-        seed = int(np.asarray(jax.random.key_data(rng)).ravel()[-1])
+    def param_shapes(self) -> dict:
+        """``ShapeDtypeStruct`` trees of the encoder (``params``, ``batch_stats``), the
+        UNet and the first stage (traced, nothing computed)."""
         x = jnp.zeros((1, 32, 32, 3))
         enc = nn.unbox(jax.eval_shape(self.encoder.init, jax.random.key(0), x))
         args, kw = self.unet.dummy_inputs()
         unet = nn.unbox(jax.eval_shape(lambda: self.unet.init(jax.random.key(0), *args, **kw)))
+        return {"encoder": dict(enc), "unet": unet["params"],
+                "vae": self.first_stage.param_shapes()}
+
+    def init(self, rng: jax.Array) -> dict:
+        """Initial parameters: host-drawn encoder/UNet kernels (``N(0, 1/fan_in)``), the
+        bottleneck's own initialisers, the first stage from its paths (else random)."""
+        seed = int(np.asarray(jax.random.key_data(rng)).ravel()[-1])
+        shapes = self.param_shapes()
         stats = jax.tree_util.tree_map_with_path(
             lambda p, a: np.full(a.shape, 1.0 if p[-1].key == "var" else 0.0, a.dtype),
-            enc["batch_stats"])
+            shapes["encoder"]["batch_stats"])
         entropy = nn.unbox(jax.jit(lambda k: self.entropy.init(  # one compile, not per op
             k, jnp.zeros((1, self.entropy.channels)), train=False))(rng))["params"]
-        return {"encoder": {"params": host_random_params(enc["params"], seed + 1),
+        return {"encoder": {"params": host_random_params(shapes["encoder"]["params"], seed + 1),
                             "batch_stats": stats},
                 "entropy": jax.tree_util.tree_map(np.asarray, entropy),
-                "unet": host_random_params(unet["params"], seed + 2),
-                "vae": self.first_stage.load(seed + 3)}
+                "unet": host_random_params(shapes["unet"], seed + 2),
+                "vae": self.first_stage.load(seed + 3, shapes["vae"])}
 
     def _prepared(self, params):
         return self._cache.get(params, self._prepare)
@@ -276,11 +290,25 @@ class DiffAECodec(Codec):
         return jnp.concatenate([up, step.astype(up.dtype)], axis=-1)
 
     def denoise(self, unet_params, z_t, timesteps, cond):
-        """UNet x0-prediction from the noisy first-stage latent and the condition."""
+        """UNet prediction (x0, eps or v: ``prediction_type``) from the noisy first-stage
+        latent and the condition."""
         b = z_t.shape[0]
         t = jnp.broadcast_to(jnp.reshape(timesteps, (-1,)), (b,))
         ctx = jnp.zeros((b, 1, self.cross_attention_dim), z_t.dtype)
         return self.unet.apply({"params": unet_params}, jnp.concatenate([z_t, cond], -1), t, ctx)
+
+    # the training loss's hooks (shared with the video codec, see diffae_loss)
+    def train_latents(self, params, x01, key):
+        """``(y, new batch statistics)``: the encoder in training mode."""
+        y, upd = self.encoder.apply(params["encoder"], x01, train=True, mutable=["batch_stats"],
+                                    rngs={"dropout": key})
+        return y, upd["batch_stats"]
+
+    def train_condition(self, params, y_tilde, log_step):
+        return self.condition(y_tilde, log_step)
+
+    def target_latents(self, vae_params, x01):
+        return self.first_stage.encode(vae_params, x01)
 
     def _fn(self, name: str, num_steps: int = 0):
         key = (name, num_steps)
@@ -405,11 +433,14 @@ def _check_steps(num_steps) -> int:
 
 def diffae_loss(codec: DiffAECodec, params: Mapping, x01: jax.Array, key: jax.Array, *,
                 rate_weight: float = 0.01, p_uncond: float = 0.1,
-                weighting: Weighting | None = None, quality=None):
-    """``(loss, metrics, new_batch_stats)`` of one batch ``x01 [B, H, W, 3]`` in ``[0, 1]``.
+                weighting: Weighting | None = None, quality=None, aux_weight: float = 1.0):
+    """``(loss, metrics, new_batch_stats)`` of one batch ``x01 [B, H, W, 3]`` in ``[0, 1]``
+    (or, for the video codec, ``[B, T, H, W, 3]`` frame groups: the same loss through its
+    ``train_latents`` / ``train_condition`` / ``target_latents``, Rampas 2024 sec. 3.4.1).
 
     ``loss = denoising loss + rate_weight * bpp + aux``: the weighted denoising loss
-    (x0-prediction, min-SNR(5) by default: Rampas 2024, Table 1) of the first-stage latent
+    (the codec's ``prediction_type`` -- x0 by default -- with ``weighting``, min-SNR(5) by
+    default: Rampas 2024, Table 1 and sec. 3.3) of the first-stage latent
     given the noisy condition ``ŷ = (y / Δ_q + u) Δ_q`` (``u ~ U(-1/2, 1/2)``, a quality
     ``q`` drawn per example unless ``quality`` [B] is given), dropped to zeros with
     probability ``p_uncond`` (for CFG); bits from the learned prior of the drawn quality;
@@ -418,27 +449,28 @@ def diffae_loss(codec: DiffAECodec, params: Mapping, x01: jax.Array, key: jax.Ar
     weighting = weighting or Weighting("min_snr", gamma=5.0)
     k_q, k_noise, k_drop, k_diff, k_sd = jax.random.split(key, 5)
     b = x01.shape[0]
-    y, updates = codec.encoder.apply(params["encoder"], x01, train=True,
-                                     mutable=["batch_stats"], rngs={"dropout": k_sd})
+    y, stats = codec.train_latents(params, x01, k_sd)  # [B, ..., C] (frames: [B, T', h, w, C])
     nq, c = len(codec.quant_steps), codec.latent_channels
     q = jax.random.randint(k_q, (b,), 0, nq) if quality is None else jnp.asarray(quality)
     steps = jnp.asarray(codec.quant_steps, jnp.float32)
     v = jnp.concatenate([y / s for s in codec.quant_steps], axis=-1)  # every quality's symbols
     v_tilde, lik = codec.entropy.apply({"params": params["entropy"]}, v, train=True,
                                        rngs={"noise": k_noise})
-    pick = jax.nn.one_hot(q, nq)[:, None, None, :, None]
-    shape = y.shape[:3] + (nq, c)
-    y_tilde = jnp.sum(v_tilde.reshape(shape) * pick, axis=3) * steps[q][:, None, None, None]
-    lik_q = jnp.sum(lik.reshape(shape) * pick, axis=3)
-    bpp = bits(lik_q, per_example=True) / (x01.shape[1] * x01.shape[2])
-    keep = jax.random.bernoulli(k_drop, 1.0 - p_uncond, (b, 1, 1, 1)).astype(jnp.float32)
-    cond = codec.condition(y_tilde, jnp.log2(steps[q])) * keep
-    z0 = jax.lax.stop_gradient(codec.first_stage.encode(params["vae"], x01))
+    ones = (1,) * (y.ndim - 2)
+    pick = jax.nn.one_hot(q, nq).reshape((b,) + ones + (nq, 1))
+    shape = y.shape[:-1] + (nq, c)
+    y_tilde = jnp.sum(v_tilde.reshape(shape) * pick, axis=-2) * steps[q].reshape((b, 1) + ones)
+    lik_q = jnp.sum(lik.reshape(shape) * pick, axis=-2)
+    bpp = bits(lik_q, per_example=True) / math.prod(x01.shape[1:-1])  # per pixel (of all frames)
+    keep = jax.random.bernoulli(k_drop, 1.0 - p_uncond, (b,) + (1,) * (x01.ndim - 1))
+    cond = codec.train_condition(params, y_tilde, jnp.log2(steps[q])) * keep.astype(jnp.float32)
+    z0 = jax.lax.stop_gradient(codec.target_latents(params["vae"], x01))
     diff, aux = denoising_loss(lambda zt, t, cd: codec.denoise(params["unet"], zt, t, cd), z0,
-                               k_diff, schedule=codec.schedule, prediction_type="sample",
-                               weighting=weighting, cond=cond)
+                               k_diff, schedule=codec.schedule,
+                               prediction_type=codec.prediction_type, weighting=weighting,
+                               cond=cond)
     aux_loss = codec.entropy.apply({"params": params["entropy"]}, method="aux_loss")
-    loss = diff + rate_weight * jnp.mean(bpp) + aux_loss
+    loss = diff + rate_weight * jnp.mean(bpp) + aux_weight * aux_loss
     metrics = {"loss": loss, "diffusion": diff, "bpp": jnp.mean(bpp), "aux": aux_loss,
-               "x0_mse": jnp.mean(aux["per_example"])}
-    return loss, metrics, updates["batch_stats"]
+               "target_mse": jnp.mean(aux["per_example"])}
+    return loss, metrics, stats
