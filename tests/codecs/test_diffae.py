@@ -15,14 +15,14 @@ from diffjax.codecs.diffae import DiffAECodec, diffae_loss
 from diffjax.entropy import bitstream
 from diffjax.entropy.bitstream import CorruptError, TruncatedError, WrongCodecError, WrongModelError
 from diffjax.errors import InputError
-from experiments.configs.diffae import get_config
+from experiments.configs.diffae import codec_kwargs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def codec():
-    return diffjax.codecs.get("diffae", quality=2, **get_config("smoke").codec.to_dict())
+    return diffjax.codecs.get("diffae", quality=2, **codec_kwargs("smoke"))
 
 
 def scaled(params, scale):
@@ -71,9 +71,9 @@ def test_roundtrip_fresh_process_bit_identical(codec, params, image, stream, tmp
         import pathlib, sys
         import flax, numpy as np
         import diffjax.codecs
-        from experiments.configs.diffae import get_config
+        from experiments.configs.diffae import codec_kwargs
         d = pathlib.Path(sys.argv[1])
-        codec = diffjax.codecs.get("diffae", quality=0, **get_config("smoke").codec.to_dict())
+        codec = diffjax.codecs.get("diffae", quality=0, **codec_kwargs("smoke"))
         with np.load(d / "params.npz") as f:  # the same parameters, read from disk
             params = flax.traverse_util.unflatten_dict({k: f[k] for k in f.files}, sep="/")
         np.save(d / "decoded.npy", codec.decode(params, (d / "image.djx").read_bytes()))
@@ -157,8 +157,8 @@ def test_loss_trains_every_part(codec, params):
 @pytest.mark.slow
 def test_taef2_first_stage_roundtrip():
     """The default first stage (TAEF2 weights from ../shared/data/taesd), small networks."""
-    kw = get_config("").codec.to_dict()
-    kw.update(unet_config=get_config("smoke").codec.to_dict()["unet_config"],
+    kw = codec_kwargs("")
+    kw.update(unet_config=codec_kwargs("smoke")["unet_config"],
               encoder_width=0.25, encoder_depth=0.1, num_steps=2)
     codec = DiffAECodec(quality=1, **kw)
     assert (codec.first_stage.channels, codec.first_stage.factor, codec.up) == (32, 8, 4)
