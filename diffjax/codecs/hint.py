@@ -64,7 +64,8 @@ holds the first stage, the UNet and the schedule).
 Every section is verified before the first frame is produced: the LoRA must unpack and fit
 the model (``WrongModelError`` otherwise), each stream must match its CRC32 and decode to
 its geometry.
-Window ``k``'s starting noise is ``normal(fold_in(PRNGKey(seed), k))``.
+Window ``k``'s starting noise is ``normal(fold_in(fold_in(PRNGKey(0), seed), k))``; the
+last window is edge-padded to ``window`` frames (one compiled shape) and cut back.
 """
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ _HINT_DEFAULTS = {"canny": {"low": 100, "high": 200}, "depth": {"median_radius":
 
 @dataclasses.dataclass
 class Transmission:
-    """What :meth:`HintCodec.transmit` produced: the file and its parts (for tests and
+    """What :meth:`HintCodec.transmit_clip` produced: the file and its parts (for tests and
     measurements). ``hints``: ``{name: {"stream", "crc", "pictures" (decoded), "size"}}``;
     ``lora``: the trained adapters ``{"lora", ["control_lora"]}``; ``sections``: the bytes of
     every section by name; ``seconds``: ``{"lora", "hints"}`` encode time."""
@@ -180,7 +181,9 @@ class HintCodec(VideoCodec):
         for name in G.HINTS:
             cfg = {"codec": hint_codec, "control_scale": 1.0, **_HINT_DEFAULTS.get(name, {}),
                    **PRESETS[preset][name], **overrides.pop(name, {})}
-            self.hint_settings[name] = G.check_hint_settings(name, cfg)
+            cfg = G.check_hint_settings(name, cfg)
+            cfg["control_scale"] = float(np.float16(cfg["control_scale"]))  # as the file has it
+            self.hint_settings[name] = cfg
         if overrides:
             raise InputError(f"settings for unknown hint(s) {sorted(overrides)}")
         if transmit is None:

@@ -12,11 +12,15 @@ start image, all random (``experiments/configs/hint.py:smoke``):
 * the section sizes add up to the file; damaged sections inside a valid container, damaged
   containers, a foreign model and bad settings get typed errors;
 * the depth sources (folder, video, callable) and the temporal median filter.
+
+Slow tier: a depth ControlNet, control-LoRAs, H.265 hints, sampling from noise and the output
+median filter; the real TAEF2 first stage.
 """
 import os
 import pathlib
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -185,3 +189,65 @@ def test_depth_sources_and_median(tmp_path):
     for source in (None, str(tmp_path / "missing"), lambda f: depth[:2]):
         with pytest.raises(InputError):
             G.depth_pictures(source, frames)
+
+
+@pytest.mark.slow
+def test_depth_control_lora_h265_median(shared_data):
+    """The paths the default tier leaves out: a depth ControlNet fed by a callable (with the
+    depth median), control-LoRAs (4-bit), H.265 hints, sampling from noise, the output
+    median filter, a last window edge-padded (5 frames, windows of 3)."""
+    from experiments.configs.hint import tiny_controlnet_config
+
+    c = get_config("smoke")
+    c.parts.controlnet_configs = {"canny": tiny_controlnet_config(),
+                                  "depth": tiny_controlnet_config()}
+    c.codec.update(strength=1.0, hint_codec="h265", control_lora_rank=2, lora_bits=4, window=3,
+                   output_median_radius=1)
+    c.codec.hints = {"depth": {"median_radius": 1, "scale": 0.25, "crf": 40}}
+    kwargs, params = build(c)
+    codec = HintCodec(**kwargs)
+    frames, fps = read_video(next((shared_data / "video_clips").glob("carphone*")), max_frames=5)
+    frames = np.ascontiguousarray(frames[:, 40:58, 60:86])
+    depth = frames.astype(np.float32).mean(-1)
+    with pytest.raises(InputError, match="depth source"):
+        codec.encode(params, frames, fps=fps)
+    sent = codec.transmit_clip(params, frames, fps=fps, depth=lambda f: depth)
+    parts = codec.split(params, sent.data)
+    assert list(parts["hints"]) == ["canny", "depth"] and parts["start_step"] == 0
+    assert {k: (v["codec"], v["crf"]) for k, v in parts["hints"].items()} == \
+        {"canny": ("h265", 51), "depth": ("h265", 40)}
+    assert sorted(parts["control_lora"]) == ["canny", "depth"]
+    assert sum(parts["sizes"].values()) == len(sent.data)
+    np.testing.assert_array_equal(
+        parts["hints"]["depth"]["pictures"],
+        G.decode_hint(sent.sections["hint/depth"], "h265", (16, 16), 5,
+                      zlib.crc32(sent.sections["hint/depth"])))
+    out = codec.decode(params, sent.data)
+    np.testing.assert_array_equal(out, codec.decode(params, sent.data))
+    raw = np.stack(list(codec._frames(params, {**parts, "output_median_radius": 0})))
+    want = [np.median(raw[max(0, i - 1):i + 2], axis=0).round() for i in range(5)]
+    np.testing.assert_array_equal(out, np.stack(want).astype(np.uint8))
+    assert not np.array_equal(raw, out)
+
+
+@pytest.mark.slow
+def test_taef2_first_stage(shared_data):
+    """The codec in the real TAEF2 latent space (32 channels, /8; ``../shared/data/taesd``)
+    with a random 32-channel UNet and a /8 canny ControlNet."""
+    from experiments.configs.hint import TINY_UNET, tiny_controlnet_config
+    from experiments.configs.taef2_denoiser import TAEF2
+
+    c = get_config("smoke")
+    unet = dict(TINY_UNET, in_channels=32, out_channels=32)
+    c.parts.update(vae="taesd", vae_config=dict(TAEF2), taesd_dir=str(shared_data / "taesd"),
+                   unet_config=unet, controlnet_configs={"canny": dict(
+                       tiny_controlnet_config(unet),
+                       conditioning_embedding_out_channels=[4, 4, 4, 8])})
+    kwargs, params = build(c)
+    codec = HintCodec(**kwargs)
+    frames, fps = read_video(next((shared_data / "video_clips").glob("carphone*")), max_frames=2)
+    frames = np.ascontiguousarray(frames[:, 40:70, 60:93])  # 30x33: padded to 32x40
+    data = codec.encode(params, frames, fps=fps)
+    out = codec.decode(params, data)
+    assert out.shape == frames.shape
+    np.testing.assert_array_equal(out, codec.decode(params, data))
