@@ -42,7 +42,10 @@ def run(args: argparse.Namespace) -> int:
             ("fingerprint", info["fingerprint"]),
             ("geometry", f"{info['width']}x{info['height']} px, {info['channels']} channels"
                          f"{frames}"),
-            ("sections", ", ".join(str(n) for n in info["section_bytes"]) + " bytes"),
+            ("sections", ", ".join(
+                str(n) if not info.get("section_names") else f"{name} {n}"
+                for name, n in zip(info.get("section_names") or info["section_bytes"],
+                                   info["section_bytes"])) + " bytes"),
             ("header", f"{info['header_bytes']} bytes"),
             ("size", f"{info['declared_bytes']} bytes, {info['bits_per_pixel']:.4f} bits/pixel"
                      + ("" if info["file_bytes"] == info["declared_bytes"]

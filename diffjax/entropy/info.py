@@ -9,7 +9,7 @@ def describe(data: bytes) -> dict:
 
     h = bitstream.read_header(data)
     pixels = h.frames * h.height * h.width
-    return {
+    out = {
         "format_version": h.version,
         "codec_id": h.codec_id,
         "codec": codec_name(h.codec_id) or "unknown",
@@ -26,3 +26,25 @@ def describe(data: bytes) -> dict:
         "declared_bytes": h.total_size,
         "bits_per_pixel": 8.0 * h.total_size / pixels,
     }
+    names = _section_names(h.codec_id, data)
+    if names is not None:  # codecs that name their sections
+        out["section_names"] = names
+    return out
+
+
+def _section_names(codec_id: int, data: bytes) -> list | None:
+    """The codec's names of the sections (codecs with a ``section_names(data)`` static
+    method, e.g. the hint codec), or None."""
+    from diffjax.codecs import codec_name
+    from diffjax.errors import BitstreamError
+
+    name = codec_name(codec_id)
+    if name is None:
+        return None
+    try:
+        from diffjax.codecs.base import codec_class
+
+        names = getattr(codec_class(name), "section_names", None)
+        return None if names is None else list(names(data))
+    except (BitstreamError, ImportError, ValueError):
+        return None
