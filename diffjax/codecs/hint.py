@@ -418,6 +418,26 @@ class HintCodec(VideoCodec):
         return out
 
     @staticmethod
+    def section_names(data: bytes) -> list[str]:
+        """Names of a file's sections (``diffjax info``), read from the settings section
+        without the model: ``settings``, ``lora``, ``control_lora/<hint>`` (as many as there
+        are between the LoRA and the streams), ``hint/<name>``."""
+        header, sections = bitstream.unpack(data)
+        first = sections[0]
+        if len(first) < _HEAD.size + 4:
+            raise CorruptError("hint settings section is truncated")
+        n = _HEAD.unpack_from(first)[-1]
+        names = {v: k for k, v in HINT_IDS.items()}
+        entries = [_HINT.unpack_from(first, _HEAD.size + i * _HINT.size) for i in range(n)
+                   if _HEAD.size + (i + 1) * _HINT.size <= len(first)]
+        hints = [names.get(e[0], "?") for e in entries]
+        n_cl = len(sections) - 2 - len(hints)
+        guided = sorted(h for h, e in zip(hints, entries) if e[5] != 0)  # a ControlNet scale
+        control = guided if len(guided) == n_cl else [str(i) for i in range(max(n_cl, 0))]
+        return (["settings", "lora"] + [f"control_lora/{c}" for c in control]
+                + [f"hint/{h}" for h in hints])
+
+    @staticmethod
     def _unpack_lora(section: bytes, like: Any, what: str) -> dict:
         try:
             return L.unpack(section, like=like)

@@ -121,6 +121,7 @@ def test_every_byte_is_counted(tiny):
     assert info["codec"] == "hint" and info["frames"] == 3
     assert info["header_bytes"] + sum(info["section_bytes"]) == len(data)
     assert info["section_bytes"] == [len(s) for s in sent.sections.values()]
+    assert info["section_names"] == list(sent.sections)  # what `diffjax info` prints
     sizes = codec.split(params, data)["sizes"]
     assert sum(sizes.values()) == len(data)
     assert set(sizes) == {"container", "settings", "lora", "hint/canny", "hint/colour"}
