@@ -17,9 +17,9 @@ Arguments (comma separated):
   ControlNets (``lllyasviel/control_v11p_sd15_canny``, ``control_v11f1p_sd15_depth``) and an
   AnimateDiff motion adapter, each converted with ``diffjax convert``; colour is the SDEdit
   start image (``strength`` 0.8) since no public low-res colour ControlNet exists for SD 1.5.
-* ``smoke``: tiny random networks (a one-level SD-layout UNet, a one-level AutoencoderKL (/1), a motion
-  module, a canny ControlNet; colour is the start image at ``strength`` 0.5), 2 LoRA steps,
-  2 DDIM steps, ``fast_compile``: seconds on a CPU.
+* ``smoke``: tiny random networks (a one-level SD-layout UNet, a one-level AutoencoderKL
+  (/1), a motion module, a canny ControlNet; colour is the start image at ``strength``
+  0.5), 2 LoRA steps, 2 DDIM steps, ``fast_compile``: seconds of CPU after compilation.
 * ``exp1`` / ``exp2``: Table I's hint preset; ``h264`` / ``h265``: the hint streams' codec.
 
 Every codec setting is ``config.codec.<name>`` (``--config.codec.lora_steps=200``).
