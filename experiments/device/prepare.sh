@@ -31,6 +31,10 @@ for v in $(cd "$SHARED" && ls video_more/sam2_meta/*.mp4 video_more/openh264_cis
     taesd/taef2_encoder.pth); do
   mkdir -p "$DEV/data/$(dirname "$v")" && cp -n "$SHARED/$v" "$DEV/data/$v"
 done
+# diffae.sh: the TAEF2 decoder beside the encoder (the codec's first stage), and the
+# readable training clips as JPEG frame folders (the device has no PyAV; about 2.5 MB)
+cp -n "$SHARED/taesd/taef2_decoder.pth" "$DEV/data/taesd/"
+python3 -m experiments.configs.diffae_video $DEV/diffae_frames
 # residual_video.sh: the x265 decodes of those clips for residual_video.py:gpu (about 26 MB;
 # the device has neither ffmpeg nor PyAV to build them); carry .device/whl, .device/pylib
 # and .device/video_cache for that script
