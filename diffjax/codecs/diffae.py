@@ -338,9 +338,10 @@ class DiffAECodec(Codec):
         return self.encode_batch(params, [image])[0]
 
     def decode(self, params: Any, data: bytes, *, num_steps: int | None = None,
-               guidance_scale: float | None = None) -> np.ndarray:
-        return self.decode_batch(params, [data], num_steps=num_steps,
-                                 guidance_scale=guidance_scale)[0]
+               guidance_scale: float | None = None, steps: int | None = None) -> np.ndarray:
+        """``steps``: the CLI's ``--steps`` (an alias of ``num_steps``, the DDPM steps)."""
+        return self.decode_batch(params, [data], guidance_scale=guidance_scale,
+                                 num_steps=num_steps if steps is None else steps)[0]
 
     def latents(self, params: Any, images: np.ndarray) -> np.ndarray:
         """The unquantised latents ``y [B, h, w, C]`` of a same-size uint8 batch (host)."""

@@ -321,13 +321,22 @@ class DiffAEVideoCodec(VideoCodec):
         return dict(header=header, seed=seed, group_frames=g, y=ys)
 
     def decode_frames(self, params: Any, data: bytes, *, num_steps: int | None = None,
-                      guidance_scale: float | None = None) -> Iterator[np.ndarray]:
-        """uint8 ``[H, W, 3]`` frames, one group at a time; ``num_steps`` (DDPM steps) and
-        ``guidance_scale`` override the codec's defaults."""
+                      guidance_scale: float | None = None, steps: int | None = None
+                      ) -> Iterator[np.ndarray]:
+        """uint8 ``[H, W, 3]`` frames, one group at a time; ``num_steps`` (DDPM steps; the
+        CLI's ``--steps`` is its alias ``steps``) and ``guidance_scale`` override the
+        codec's defaults."""
         parts = self.read(params, data)  # everything checked before the first frame
+        num_steps = num_steps if steps is None else steps
         k = self.num_steps if num_steps is None else _check_steps(num_steps)
         scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         return self._frames(params, parts, k, scale)
+
+    def decode(self, params: Any, data: bytes, *, num_steps: int | None = None,
+               guidance_scale: float | None = None, steps: int | None = None) -> np.ndarray:
+        """Bitstream -> uint8 ``[T, H, W, 3]`` (all of :meth:`decode_frames`)."""
+        return np.stack(list(self.decode_frames(params, data, num_steps=num_steps,
+                                                guidance_scale=guidance_scale, steps=steps)))
 
     def _frames(self, params, parts, k, scale):
         header, g = parts["header"], parts["group_frames"]

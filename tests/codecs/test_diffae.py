@@ -127,6 +127,8 @@ def test_bad_input_and_files(codec, params, image, stream):
         codec.encode(params, image.astype(np.float32))
     with pytest.raises(InputError):
         codec.decode(params, stream, num_steps=0)
+    with pytest.raises(InputError):  # the CLI's --steps
+        codec.decode(params, stream, steps=0)
     with pytest.raises(InputError):
         codec.at_quality(4)
     with pytest.raises(InputError):

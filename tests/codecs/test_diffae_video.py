@@ -129,6 +129,8 @@ def test_bad_files_and_inputs(setup):
         codec.encode(params, frames[0])
     with pytest.raises(InputError):
         codec.decode_frames(params, data, num_steps=0)
+    with pytest.raises(InputError):  # the CLI's --steps
+        codec.decode_frames(params, data, steps=1001)
     for kw in ({"temporal_factor": 3}, {"group_frames": 6}, {"quality": 9}):
         with pytest.raises(InputError):
             diffjax.codecs.get("diffae-video", **{**codec_kwargs("smoke,ft4"), **kw})
