@@ -452,37 +452,40 @@ class HintCodec(VideoCodec):
         return self._frames(params, parts)
 
     def _frames(self, params, parts):
+        """Decode window by window: conditions, start latents and output frames are held
+        for one window (and the output median's ``radius`` neighbours) at a time."""
         used, _ = self._prepared(params)
         header = parts["header"]
         t, h, w = header.frames, header.height, header.width
         pictures = {k: v["pictures"] for k, v in parts["hints"].items()}
-        conds = self._conditions(pictures, h, w)
         scales = tuple(parts["hints"][k]["control_scale"] for k in sorted(self.controlnets))
         model = self._merged(used, parts)
-        colour = None
-        if parts["start_step"]:
-            up = G.resize(pictures["colour"], h, w, "bicubic")
-            colour = self._encode_latents(used["vae"], pad_to_multiple(up, self.stride))
-        fn = self._sampler(parts["steps"], parts["window"], scales,
-                           self._geometry(h, w)["latent"])
-        r = parts["output_median_radius"]
-        buffer: list = []
-        emitted = 0
-        win = parts["window"]
+        win, r = parts["window"], parts["output_median_radius"]
+        fn = self._sampler(parts["steps"], win, scales, self._geometry(h, w)["latent"])
+        buffer: list = []  # output frames first, first + 1, ...
+        first = emitted = 0
         for k, lo in enumerate(range(0, t, win)):
             idx = np.minimum(np.arange(lo, lo + win), t - 1)  # the last window edge-padded
-            window_conds = [conds[name][idx] for name in sorted(self.controlnets)]
-            start_latent = None if colour is None else colour[idx]
-            out = fn(model, window_conds, start_latent, np.uint32(parts["seed"]),
-                     np.uint32(k), np.int32(parts["start_step"]))
-            out = np.asarray(out)[: min(win, t - lo)]
-            buffer.extend(crop(out, h, w))
-            while emitted < t and (emitted + r < len(buffer) or len(buffer) == t):
+            window = {name: p[idx] for name, p in pictures.items()}
+            conds = self._conditions(window, h, w)
+            start_latent = None
+            if parts["start_step"]:
+                up = G.resize(window["colour"], h, w, "bicubic")
+                start_latent = self._encode_latents(used["vae"], pad_to_multiple(up, self.stride))
+            out = fn(model, [conds[name] for name in sorted(self.controlnets)], start_latent,
+                     np.uint32(parts["seed"]), np.uint32(k), np.int32(parts["start_step"]))
+            buffer.extend(crop(np.asarray(out)[: min(win, t - lo)], h, w))
+            while emitted < t and (emitted + r < first + len(buffer)
+                                   or first + len(buffer) == t):
                 lo_i = max(0, emitted - r)
-                near = np.stack(buffer[lo_i: emitted + r + 1])
+                near = np.stack(buffer[lo_i - first: emitted + r + 1 - first])
                 yield near[emitted - lo_i] if r == 0 else np.median(
                     near, axis=0).round().astype(np.uint8)
                 emitted += 1
+                drop = max(0, emitted - r) - first
+                if drop > 0:
+                    del buffer[:drop]
+                    first += drop
 
     def _merged(self, used, parts) -> dict:
         from diffjax.models.unet3d import merge_motion_params
