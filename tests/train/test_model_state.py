@@ -122,3 +122,21 @@ def test_merge_and_split():
     assert merge_trees(params, {}) is params
     with pytest.raises(InputError):
         merge_trees(params, {"unet": {"w": 5}})
+
+
+def test_pmap_step_averages_the_model_state():
+    """Under pmap each device normalises its own part of the batch; the new running
+    statistics are the devices' mean (flax's ImageNet recipe), the same on every device."""
+    n = jax.local_device_count()
+    batch = {"x": jnp.asarray(np.random.default_rng(1).normal(0.0, 1.0, (2 * n, 3)), jnp.float32)}
+    task = BatchNormTask()
+    state, _ = make(task, batch)
+    step = sp.pmap_train_step(task=task, tx=optax.adam(1e-2), donate=False)
+    out, _ = step(sp.replicate(state), sp.split_for_devices(batch))
+    means = np.asarray(out.model_state["net"]["batch_stats"]["BatchNorm_0"]["mean"])
+    assert means.shape[0] == n and np.allclose(means, means[:1])
+    parts = np.asarray(batch["x"]).reshape(n, 2, 3)
+    kernel = np.asarray(state.params["net"]["params"]["Dense_0"]["kernel"])
+    bias = np.asarray(state.params["net"]["params"]["Dense_0"]["bias"])
+    per_device = (parts @ kernel + bias).mean(axis=1)  # momentum 0.5 from mean 0
+    np.testing.assert_allclose(means[0], 0.5 * per_device.mean(0), rtol=1e-4, atol=1e-5)
