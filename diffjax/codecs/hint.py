@@ -70,6 +70,7 @@ last window is edge-padded to ``window`` frames (one compiled shape) and cut bac
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import struct
 import time
@@ -217,10 +218,17 @@ class HintCodec(VideoCodec):
             raise InputError(f"lora_bits must be 16, 8 or 4, got {lora_bits!r}")
         self.schedule = DiscreteSchedule.from_config(self.backbone.scheduler_config)
         self.stride = self.backbone.vae_factor * 2 ** self.unet.num_upsamplers
-        config = dict(vae=vae, vae_config=dict(vae_config or {}), unet=dict(unet_config),
-                      adapter=dict(adapter_config or {}), sched=dict(scheduler_config),
-                      controlnets={k: dict(v) for k, v in dict(controlnet_configs or {}).items()})
-        self._config = ("hint/" + repr(sorted((k, repr(v)) for k, v in config.items()))).encode()
+        # the receiver's networks, spelled canonically (the same model gives the same
+        # fingerprint however its configs were written)
+        bb = self.backbone
+        first = bb.vae.to_config() if vae == "sd" else dict(
+            latent_channels=bb.latent_channels, arch_variant=bb.taesd[0].arch_variant,
+            scaling_factor=bb.scaling_factor, shift_factor=bb.shift_factor)
+        config = dict(vae=vae, first_stage=first, unet=self.unet.to_config(),
+                      motion=self.motion.to_config() if self.motion else None,
+                      scheduler=bb.scheduler_config,
+                      controlnets={k: n.to_config() for k, n in self.controlnets.items()})
+        self._config = ("hint/" + json.dumps(config, sort_keys=True, default=str)).encode()
         self.fast_compile = bool(fast_compile)
         self._cache = IdentityCache()
         self._sample_fns: dict = {}

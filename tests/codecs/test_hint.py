@@ -14,7 +14,8 @@ start image, all random (``experiments/configs/hint.py:smoke``):
 * the depth sources (folder, video, callable) and the temporal median filter.
 
 Slow tier: a depth ControlNet, control-LoRAs, H.265 hints, sampling from noise and the output
-median filter; the real TAEF2 first stage.
+median filter; the real TAEF2 first stage; the model assembled from `diffjax convert`
+directories (same fingerprint as from configs).
 """
 import os
 import pathlib
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import zlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -253,3 +255,35 @@ def test_taef2_first_stage(shared_data):
     out = codec.decode(params, data)
     assert out.shape == frames.shape
     np.testing.assert_array_equal(out, codec.decode(params, data))
+
+
+@pytest.mark.slow
+def test_assemble_from_converted_parts(tiny, tmp_path):
+    """The real parts plug in as `diffjax convert` directories: a UNet, a ControlNet and a
+    motion UNet (only its temporal layers are kept); the first stage from its config."""
+    import flax
+
+    from diffjax.codecs.hint_model import assemble
+    from diffjax.convert.core import save_pretrained
+    from diffjax.models.unet3d import merge_motion_params
+
+    codec, params, model, _, _, _ = tiny
+    kwargs = pretrained.load_model(model).config
+    to_np = lambda t: flax.core.unfreeze(jax.tree.map(np.asarray, t))  # noqa: E731
+    save_pretrained(tmp_path / "unet", codec.unet, to_np(params["unet"]))
+    save_pretrained(tmp_path / "canny", codec.controlnets["canny"],
+                    to_np(params["controlnets"]["canny"]))
+    save_pretrained(tmp_path / "motion", codec.motion,
+                    to_np(merge_motion_params(params["unet"], params["motion"])))
+    parts = dict(vae="sd", vae_config=kwargs["vae_config"], unet=str(tmp_path / "unet"),
+                 controlnets={"canny": str(tmp_path / "canny")}, motion=str(tmp_path / "motion"),
+                 scheduler_config=kwargs["scheduler_config"], seed=0)
+    got_kwargs, got = assemble(parts, strength=0.5, fast_compile=True)
+    rebuilt = HintCodec(**got_kwargs)
+    assert rebuilt.fingerprint(dict(got, vae=params["vae"])) == codec.fingerprint(params)
+    assert got_kwargs["adapter_config"]["motion_max_seq_length"] == 8
+    with pytest.raises(InputError, match="does not exist"):
+        assemble(dict(parts, unet=str(tmp_path / "nothing")))
+    with pytest.raises(InputError, match="expected UNet2DConditionModel"):
+        assemble(dict(parts, unet=str(tmp_path / "canny")))
+
