@@ -129,6 +129,8 @@ class HintLoraTask(Task):
 
 def frame_batches(num_frames: int, batch: int, steps: int, seed: int) -> np.ndarray:
     """``[steps, batch]`` frame indices: consecutive slices of seeded permutations."""
+    if steps == 0:
+        return np.zeros((0, batch), np.int64)
     rng = np.random.default_rng([int(seed), 0x4C6F5241])  # "LoRA"
     order = np.concatenate([rng.permutation(num_frames)
                             for _ in range(-(-steps * batch // num_frames))])

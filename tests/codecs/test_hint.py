@@ -287,3 +287,13 @@ def test_assemble_from_converted_parts(tiny, tmp_path):
     with pytest.raises(InputError, match="expected UNet2DConditionModel"):
         assemble(dict(parts, unet=str(tmp_path / "canny")))
 
+
+
+def test_lora_frame_batches():
+    from diffjax.codecs.hint_lora import frame_batches
+
+    idx = frame_batches(5, 2, 5, seed=3)  # two passes over the clip, each a permutation
+    assert idx.shape == (5, 2) and sorted(idx.reshape(-1)) == sorted(list(range(5)) * 2)
+    np.testing.assert_array_equal(idx, frame_batches(5, 2, 5, seed=3))
+    assert not np.array_equal(idx, frame_batches(5, 2, 5, seed=4))
+    assert frame_batches(5, 2, 0, seed=3).shape == (0, 2)
