@@ -13,7 +13,8 @@ Arguments (comma list):
   256 px crops, batch 32, Adam 1e-4 with warmup + cosine (the device script's run:
   ``experiments/device/diffae.sh``);
 * ``cpu``: a quarter-width, half-depth encoder and a smaller UNet on 128 px crops, batch 8,
-  sized for a few 3-hour stretches on a 2-core CPU (see ``CPU_STEPS`` below);
+  sized for a few 3-hour stretches on a 2-core CPU (``CPU_STEPS`` below: 6.2 s per step
+  measured under load, 6,000 steps in 3-4 sessions of ``--stop_after_minutes=170``);
 * ``smoke``: a tiny SD-compatible ``AutoencoderKL`` first stage (f4, random), a tiny UNet and
   encoder, 32 px crops, 4 steps (tests; seconds);
 * the Table 1 ablation, one argument each: the target ``eps`` / ``x0`` (default) / ``v``
@@ -47,7 +48,10 @@ SMOKE_UNET = dict(layers_per_block=1, block_out_channels=(16, 16), norm_num_grou
                   up_block_types=("UpBlock2D", "UpBlock2D"), mid_block_type=None)
 TARGETS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 WEIGHTINGS = {"const": "constant", "p2": "p2", "minsnr": "min_snr", "sech": "sech"}
-# cpu: measured on the 2-core CPU (load ~4, other jobs running), batch 8 at 128 px
+# cpu: 6.2 s per step measured on the 2-core CPU while other jobs shared it (load 6.5; steps
+# 3-5 of a fresh run, batch 8 at 128 px, TAEF2; compiling the step took ~4 min), so about
+# 1,700 steps per 3-hour session (--stop_after_minutes=170; resume in the same workdir):
+# 6,000 steps are 3-4 sessions (fewer on an idle machine)
 CPU_STEPS = 6_000
 
 
