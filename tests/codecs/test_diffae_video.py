@@ -49,8 +49,8 @@ def test_average_pooling_over_time():
     """The compressed step is the mean of its f_t projected frames (sec. 3.4.1)."""
     coder = VideoLatentCoder(channels=2, factor=2)
     y = jax.random.normal(jax.random.key(1), (1, 4, 1, 1, 2))
-    params = flax.linen.unbox(coder.init(jax.random.key(0), y))["params"]
-    z = coder.apply({"params": params}, y, method="compress")
+    params = flax.linen.unbox(jax.jit(coder.init)(jax.random.key(0), y))["params"]
+    z = jax.jit(lambda p, y: coder.apply({"params": p}, y, method="compress"))(params, y)
     k = params["compressor"]["proj"]["kernel"][0, 0, 0]
     b = params["compressor"]["proj"]["bias"]
     want = (y[0, :, 0, 0] @ k + b).reshape(2, 2, 2).mean(1)
