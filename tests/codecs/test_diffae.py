@@ -17,6 +17,10 @@ from diffjax.entropy.bitstream import CorruptError, TruncatedError, WrongCodecEr
 from diffjax.errors import InputError
 from experiments.configs.diffae import codec_kwargs
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "entropy"))
+from bitstream_fuzz import fuzz_cases, run_fuzz  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -109,6 +113,9 @@ def test_rates_share_one_model(codec, params, image, stream):
 
 
 def test_bad_input_and_files(codec, params, image, stream):
+    # the container: the seeded fuzz of tests/entropy (every case fails before decoding)
+    run_fuzz(lambda d: codec.decode(params, d), stream, fuzz_cases(stream, 60, seed=4),
+             per_case_s=2.0)
     with pytest.raises(TruncatedError):
         codec.decode(params, stream[:-3])
     bad = bytearray(stream)
