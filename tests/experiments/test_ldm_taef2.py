@@ -157,6 +157,7 @@ def exported(whole_run, tmp_path_factory):
     return export(str(whole), str(out), max_mb=1.0)
 
 
+@pytest.mark.slow  # a compiled smoke training (~55 s on 2 cores) and the export / eval on it
 def test_export_loads_through_load_pretrained_like_a_converted_unet(whole_run, exported):
     from diffjax.convert import load_pretrained
     from diffjax.convert.core import read_model_config
@@ -182,6 +183,7 @@ def test_export_loads_through_load_pretrained_like_a_converted_unet(whole_run, e
     assert (exported / "README.md").is_file()
 
 
+@pytest.mark.slow  # a compiled smoke training (~55 s on 2 cores) and the export / eval on it
 def test_eval_script_on_the_tiny_model(data, exported, tmp_path):
     from experiments import eval_ldm
 
