@@ -166,8 +166,48 @@ class FirstStage:
         return self.modules[1].apply({"params": params["decoder"]}, raw).astype(jnp.float32)
 
 
+class _DiffAEParams:
+    """What the image and video DiffAE codecs share: the checked, cached preparation of the
+    parameters (fingerprint, factorized table, medians), rate points and prior rows."""
+
+    #: parameter groups a model of this codec must have (besides ``entropy``)
+    param_groups: tuple = ("encoder", "unet", "vae")
+
+    def _prepared(self, params):
+        return self._cache.get(params, self._prepare)
+
+    def _prepare(self, params):
+        try:
+            eb = params["entropy"]
+            missing = [k for k in self.param_groups if k not in params]
+        except (KeyError, TypeError) as err:
+            raise InputError(f"params are not {self.name} codec parameters") from err
+        if missing:
+            raise InputError(f"{self.name} codec params lack {missing}")
+        table = factorized_table(eb)
+        return (fingerprint_pytree(params, self._config, table.digest()), table,
+                factorized_medians(eb))
+
+    def fingerprint(self, params: Any) -> bytes:
+        return self._prepared(params)[0]
+
+    def at_quality(self, quality: int):
+        """This codec at another rate point, sharing networks, tables and compilations."""
+        if not (isinstance(quality, (int, np.integer)) and quality in self.qualities):
+            raise InputError(f"quality must be one of {self.qualities}, got {quality!r}")
+        other = copy.copy(self)
+        other.quality = int(quality)
+        return other
+
+    def rows(self, quality: int, shape) -> np.ndarray:
+        """Bottleneck row (density) of every symbol of quality ``quality``."""
+        base = quality * self.latent_channels
+        return np.broadcast_to(np.arange(base, base + self.latent_channels, dtype=np.int32),
+                               tuple(shape))
+
+
 @register("diffae")
-class DiffAECodec(Codec):
+class DiffAECodec(_DiffAEParams, Codec):
     """Diffusion-autoencoder image codec (see the module docstring).
 
         codec = diffjax.codecs.get("diffae", quality=2, **config)     # experiments/configs
@@ -249,38 +289,6 @@ class DiffAECodec(Codec):
                 "entropy": jax.tree_util.tree_map(np.asarray, entropy),
                 "unet": host_random_params(shapes["unet"], seed + 2),
                 "vae": self.first_stage.load(seed + 3, shapes["vae"])}
-
-    def _prepared(self, params):
-        return self._cache.get(params, self._prepare)
-
-    def _prepare(self, params):
-        try:
-            eb = params["entropy"]
-            missing = [k for k in ("encoder", "unet", "vae") if k not in params]
-        except (KeyError, TypeError) as err:
-            raise InputError("params are not diffae codec parameters") from err
-        if missing:
-            raise InputError(f"diffae codec params lack {missing}")
-        table = factorized_table(eb)
-        return (fingerprint_pytree(params, self._config, table.digest()), table,
-                factorized_medians(eb))
-
-    def fingerprint(self, params: Any) -> bytes:
-        return self._prepared(params)[0]
-
-    def at_quality(self, quality: int) -> "DiffAECodec":
-        """This codec at another rate point, sharing networks, tables and compilations."""
-        if not (isinstance(quality, (int, np.integer)) and quality in self.qualities):
-            raise InputError(f"quality must be one of {self.qualities}, got {quality!r}")
-        other = copy.copy(self)
-        other.quality = int(quality)
-        return other
-
-    def rows(self, quality: int, shape) -> np.ndarray:
-        """Bottleneck row (density) of every symbol of quality ``quality``."""
-        base = quality * self.latent_channels
-        return np.broadcast_to(np.arange(base, base + self.latent_channels, dtype=np.int32),
-                               tuple(shape))
 
     # ----------------------------------------------------------------- networks
     def condition(self, y_hat, log_step):

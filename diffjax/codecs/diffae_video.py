@@ -34,7 +34,6 @@ Params: ``{"encoder": {"params", "batch_stats"}, "temporal": {compress / deflate
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import struct
@@ -45,10 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.codecs.base import (VideoCodec, check_frames, crop, fingerprint_pytree,
-                                 pad_to_multiple, register)
+from diffjax.codecs.base import VideoCodec, check_frames, crop, pad_to_multiple, register
 from diffjax.codecs.diffae import (QUANT_STEPS, SCHEDULER, DiffAEEncoder, FirstStage,
-                                   _check_steps)
+                                   _check_steps, _DiffAEParams)
 from diffjax.diffusion.parameterization import canonical_prediction_type
 from diffjax.diffusion.samplers import make_plan
 from diffjax.diffusion.sampling import CFG, run_plan
@@ -56,7 +54,7 @@ from diffjax.diffusion.schedules import DiscreteSchedule
 from diffjax.entropy import bitstream, coder
 from diffjax.entropy.bitstream import CorruptError
 from diffjax.entropy.latent_coder import IdentityCache, check_symbols
-from diffjax.entropy.models import EntropyBottleneck, factorized_medians, factorized_table
+from diffjax.entropy.models import EntropyBottleneck
 from diffjax.errors import InputError
 from diffjax.models.diffae_video import ConvUNet3D, VideoLatentCoder
 from diffjax.nn.blocks3d import TEMPORAL_FACTORS
@@ -67,7 +65,7 @@ MAX_GROUP = 64
 
 
 @register("diffae-video")
-class DiffAEVideoCodec(VideoCodec):
+class DiffAEVideoCodec(_DiffAEParams, VideoCodec):
     """Video diffusion autoencoder (see the module docstring).
 
         codec = diffjax.codecs.get("diffae-video", **codec_kwargs("smoke"))  # configs/diffae_video.py
@@ -78,6 +76,7 @@ class DiffAEVideoCodec(VideoCodec):
 
     name = "diffae-video"
     codec_id = 8
+    param_groups = ("encoder", "temporal", "unet", "vae")
 
     def __init__(self, quality: int = 1, *, temporal_factor: int = 4,
                  group_frames: int | None = None, vae: str = "taesd",
@@ -158,37 +157,6 @@ class DiffAEVideoCodec(VideoCodec):
                 "entropy": jax.tree_util.tree_map(np.asarray, entropy),
                 "unet": host_random_params(shapes["unet"], seed + 2),
                 "vae": self.first_stage.load(seed + 3, shapes["vae"])}
-
-    def _prepared(self, params):
-        return self._cache.get(params, self._prepare)
-
-    def _prepare(self, params):
-        try:
-            eb = params["entropy"]
-            missing = [k for k in ("encoder", "temporal", "unet", "vae") if k not in params]
-        except (KeyError, TypeError) as err:
-            raise InputError("params are not diffae-video codec parameters") from err
-        if missing:
-            raise InputError(f"diffae-video codec params lack {missing}")
-        table = factorized_table(eb)
-        return (fingerprint_pytree(params, self._config, table.digest()), table,
-                factorized_medians(eb))
-
-    def fingerprint(self, params: Any) -> bytes:
-        return self._prepared(params)[0]
-
-    def at_quality(self, quality: int) -> "DiffAEVideoCodec":
-        """This codec at another rate point, sharing networks, tables and compilations."""
-        if not (isinstance(quality, (int, np.integer)) and quality in self.qualities):
-            raise InputError(f"quality must be one of {self.qualities}, got {quality!r}")
-        other = copy.copy(self)
-        other.quality = int(quality)
-        return other
-
-    def rows(self, quality: int, shape) -> np.ndarray:
-        base = quality * self.latent_channels
-        return np.broadcast_to(np.arange(base, base + self.latent_channels, dtype=np.int32),
-                               tuple(shape))
 
     # ----------------------------------------------------------------- networks
     def latents(self, params, x01):

@@ -16,6 +16,19 @@ import ml_collections
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+# DEVELOPERS.md, "training" row, video column (paths under the data root): every video
+# training set reads this list, never an evaluation clip.
+TRAINING_CLIPS = (
+    "video_more/sam2_meta/01_dog.mp4", "video_more/sam2_meta/02_cups.mp4",
+    "video_more/sam2_meta/03_blocks.mp4",
+    "video_more/openh264_cisco/CiscoVT2people_320x192_12fps.yuv",
+    "video_more/openh264_cisco/VID_1280x720_cabac_temporal_direct.264",
+    "video_more/openh264_cisco/VID_1920x1080_cabac_temporal_direct.264",
+    "video_more/openh264_cisco/Zhling_1280x720.264",
+    "video_clips/carphone_qcif_120f_pristine.mp4", "video_clips/bikes_640x272.mp4",
+    "video_clips/realshort_320x240.mp4",
+)
+
 def data_root() -> pathlib.Path:
     """Where datasets live: ``$DIFFJAX_DATA``, else ``../shared/data`` beside the checkout."""
     return pathlib.Path(os.environ.get("DIFFJAX_DATA", REPO_ROOT.parent / "shared" / "data"))

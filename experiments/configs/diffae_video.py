@@ -27,7 +27,7 @@ import ml_collections
 
 from experiments.configs import diffae
 from experiments.configs.base import REPO_ROOT, data_root, parse_arg
-from experiments.configs.residual_video import TRAINING_CLIPS
+from experiments.configs.base import TRAINING_CLIPS
 
 FACTORS = {"ft2": 2, "ft4": 4, "ft8": 8}
 UNET3D = dict(block_out_channels=(64, 128, 256), layers_per_block=1, norm_num_groups=32)

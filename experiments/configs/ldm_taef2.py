@@ -55,22 +55,12 @@ Commands::
         --results results/ldm_taef2/eval.json
     python -m experiments.train --config=experiments/configs/ldm_taef2.py:smoke --workdir=/tmp/ldm
 """
-from experiments.configs.base import (REPO_ROOT, apply_cpu_stretch, apply_smoke, data_root,
-                                      get_base_config, parse_arg)
+from experiments.configs.base import (REPO_ROOT, TRAINING_CLIPS, apply_cpu_stretch, apply_smoke,
+                                      data_root, get_base_config, parse_arg)
 from experiments.configs.foundation_sd21 import SD21_SCHEDULER
 from experiments.configs.taef2_denoiser import TAEF2
 
-# The training clips of DEVELOPERS.md (paths under the data root).
-VIDEOS = (
-    "video_more/sam2_meta/01_dog.mp4", "video_more/sam2_meta/02_cups.mp4",
-    "video_more/sam2_meta/03_blocks.mp4",
-    "video_more/openh264_cisco/CiscoVT2people_320x192_12fps.yuv",
-    "video_more/openh264_cisco/VID_1280x720_cabac_temporal_direct.264",
-    "video_more/openh264_cisco/VID_1920x1080_cabac_temporal_direct.264",
-    "video_more/openh264_cisco/Zhling_1280x720.264",
-    "video_clips/carphone_qcif_120f_pristine.mp4", "video_clips/bikes_640x272.mp4",
-    "video_clips/realshort_320x240.mp4",
-)
+VIDEOS = TRAINING_CLIPS  # DEVELOPERS.md
 
 _ATTN3 = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
               up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))

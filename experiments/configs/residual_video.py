@@ -29,19 +29,9 @@ codec's range and cached once (:mod:`diffjax.input.backbone_video`, under
 """
 from __future__ import annotations
 
-from experiments.configs.base import REPO_ROOT, data_root, get_base_config, parse_arg
+from experiments.configs.base import (REPO_ROOT, TRAINING_CLIPS, data_root, get_base_config,
+                                      parse_arg)
 
-# DEVELOPERS.md, "training" row, video column
-TRAINING_CLIPS = (
-    "video_more/sam2_meta/01_dog.mp4", "video_more/sam2_meta/02_cups.mp4",
-    "video_more/sam2_meta/03_blocks.mp4",
-    "video_more/openh264_cisco/CiscoVT2people_320x192_12fps.yuv",
-    "video_more/openh264_cisco/VID_1280x720_cabac_temporal_direct.264",
-    "video_more/openh264_cisco/VID_1920x1080_cabac_temporal_direct.264",
-    "video_more/openh264_cisco/Zhling_1280x720.264",
-    "video_clips/carphone_qcif_120f_pristine.mp4", "video_clips/bikes_640x272.mp4",
-    "video_clips/realshort_320x240.mp4",
-)
 SHIPPED_IMAGE_MODEL = str(REPO_ROOT / "diffjax" / "weights" / "residual")
 
 

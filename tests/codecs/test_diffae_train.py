@@ -17,7 +17,7 @@ from diffjax.train.loop import train
 from diffjax.train.task import build_task
 from diffjax.train.writers import read_metrics
 from experiments.configs import diffae, diffae_video
-from experiments.configs.residual_video import TRAINING_CLIPS
+from experiments.configs.base import TRAINING_CLIPS
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
