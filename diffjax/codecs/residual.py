@@ -79,7 +79,7 @@ class ResidualCodec(Codec):
     codec_id = 2
 
     def __init__(self, quality: int = 1, steps: int = DEFAULT_STEPS, **model_kwargs):
-        from diffjax.models.refiner import SCHEDULER_CONFIG, ResidualCodecModel
+        from diffjax.models.refiner import ResidualCodecModel, sample_refined
 
         model_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_kwargs.items()}
         self.model = ResidualCodecModel(**model_kwargs)
@@ -98,8 +98,6 @@ class ResidualCodec(Codec):
         s = float(m.residual_scale)
 
         def refine(p, x_base_u8, y_cond, q, seed, num_steps):
-            from diffjax.diffusion import sample
-
             x_base = x_base_u8.astype(jnp.float32) / 255.0
             qv = jnp.full((x_base.shape[0],), q, jnp.int32)
 
@@ -108,11 +106,7 @@ class ResidualCodec(Codec):
                 return m.apply({"params": p}, r_t, tt, x_base, y_cond, qv, method="denoise")
 
             key = jax.random.fold_in(jax.random.PRNGKey(0), seed)  # seed: uint32 CRC
-            noise = jax.random.normal(key, x_base.shape, jnp.float32)
-            r0 = sample(denoise, noise, scheduler_config=SCHEDULER_CONFIG, sampler="ddim",
-                        num_inference_steps=num_steps)
-            x = jnp.clip(x_base + r0 / s, 0.0, 1.0)
-            return jnp.round(x * 255.0).astype(jnp.uint8)
+            return sample_refined(denoise, x_base, key, s, num_steps)
 
         self._refine = jax.jit(refine, static_argnums=(5,))
 

@@ -89,7 +89,7 @@ class ResidualVideoCodec(VideoCodec):
 
     def __init__(self, backbone: str = "x265", crf: int = DEFAULT_CRF, quality: int = 1,
                  steps: int = DEFAULT_STEPS, **model_kwargs):
-        from diffjax.models.refiner import SCHEDULER_CONFIG
+        from diffjax.models.refiner import sample_refined
         from diffjax.models.video_refiner import BACKBONES, ResidualVideoModel
 
         if backbone not in BACKBONES:
@@ -124,8 +124,6 @@ class ResidualVideoCodec(VideoCodec):
         m, s = self.model, float(self.model.residual_scale)
 
         def refine(p, x_base_u8, prev_u8, y_cond, q, crf, seed, index, num_steps):
-            from diffjax.diffusion import sample
-
             x_base = x_base_u8.astype(jnp.float32) / 255.0
             prev = prev_u8.astype(jnp.float32) / 255.0
 
@@ -135,11 +133,7 @@ class ResidualVideoCodec(VideoCodec):
                                method="denoise")
 
             key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), seed), index)
-            noise = jax.random.normal(key, x_base.shape, jnp.float32)
-            r0 = sample(denoise, noise, scheduler_config=SCHEDULER_CONFIG, sampler="ddim",
-                        num_inference_steps=num_steps)
-            x = jnp.clip(x_base + r0 / s, 0.0, 1.0)
-            return jnp.round(x * 255.0).astype(jnp.uint8)
+            return sample_refined(denoise, x_base, key, s, num_steps)
 
         self._refine = jax.jit(refine, static_argnums=(8,))
 

@@ -56,6 +56,22 @@ SCHEDULER_CONFIG = {
 LATENT_STRIDE = 16  # g_a downsamples by 16
 
 
+def sample_refined(denoise, x_base: jax.Array, key: jax.Array, residual_scale: float,
+                   num_steps: int) -> jax.Array:
+    """The refined decode of the residual codecs (Brenig & Timofte): DDIM over the scaled
+    residual ``r = s (x - x_base)`` from noise drawn with ``key`` (``num_steps`` deterministic
+    steps of :data:`SCHEDULER_CONFIG`), then ``x = clip(x_base + r_0 / s)`` as uint8.
+
+    ``denoise(r_t, t)`` is the conditioned UNet; ``x_base`` is in [0, 1]."""
+    from diffjax.diffusion import sample
+
+    noise = jax.random.normal(key, x_base.shape, jnp.float32)
+    r0 = sample(denoise, noise, scheduler_config=SCHEDULER_CONFIG, sampler="ddim",
+                num_inference_steps=num_steps)
+    x = jnp.clip(x_base + r0 / residual_scale, 0.0, 1.0)
+    return jnp.round(x * 255.0).astype(jnp.uint8)
+
+
 def space_to_depth(x: jax.Array, p: int) -> jax.Array:
     """``[B, H, W, C] -> [B, H/p, W/p, p·p·C]`` (pixel unshuffle)."""
     b, h, w, c = x.shape
