@@ -40,6 +40,7 @@ def setup():
     return module, params, x, cond, uncond, apply
 
 
+@pytest.mark.slow  # default-suite budget; sharded image sampling stays in tests/diffusion
 def test_sharded_video_sampling_equals_single_device(setup):
     _, params, x, cond, uncond, apply = setup
     kw = dict(scheduler_config=SD21_BASE, sampler="ddim", num_inference_steps=3,

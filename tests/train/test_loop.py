@@ -107,6 +107,7 @@ train(config, workdir, hooks=[crash_while_saving], progress=False)
 """
 
 
+@pytest.mark.slow  # default-suite budget; test_resume_two_plus_two_equals_four stays
 def test_interrupted_save_resumes_cleanly(straight, tmp_path, shared_data):
     ref_state, ref_metrics, _ = straight
     cfg = make_config(shared_data)
@@ -130,6 +131,7 @@ def test_interrupted_save_resumes_cleanly(straight, tmp_path, shared_data):
                                rtol=1e-6)
 
 
+@pytest.mark.slow  # default-suite budget; test_step.py checks the pmap step equals the jit step
 def test_loop_pmap_path_equals_jit_path(straight, tmp_path, shared_data):
     ref_state, ref_metrics, _ = straight
     state = train(make_config(shared_data, parallel="pmap"), tmp_path, progress=False)
@@ -148,6 +150,7 @@ def test_finished_run_is_not_retrained(straight, shared_data):
     assert read_metrics(workdir) == ref_metrics
 
 
+@pytest.mark.slow  # default-suite budget; test_init_from_a_model_folder stays
 def test_init_from_starts_a_new_run_from_another_runs_params(straight, tmp_path, shared_data):
     """``config.init_from``: step 0 of a new run holds the other run's latest parameters,
     with a fresh optimizer; then it trains on from there."""

@@ -97,6 +97,7 @@ def test_pmap_step_equals_jit_step(setup):
         np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
 
 
+@pytest.mark.slow  # default-suite budget: the loop's exact resume is tested in tests/train/test_loop.py
 def test_resume_is_exact(setup, tmp_path):
     task, tx, batch, host_state, shardings, step = setup
     straight, straight_losses = run(setup, jax.device_put(host_state, shardings), 3)
