@@ -58,6 +58,7 @@ def test_bf16_compute_within_2pct_of_fp32(sd21):
     assert rel <= 1.1 * rel_torch
 
 
+@pytest.mark.slow  # default-suite budget (compiles a block's gradient twice)
 def test_remat_same_gradients_on_a_block():
     """remat=True recomputes activations but yields the same params and gradients."""
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 8, 16))

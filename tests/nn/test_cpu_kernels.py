@@ -357,6 +357,7 @@ def _assert_paths_agree(out_off, out_on):
     assert np.abs(out_on - out_off).max() <= 1e-5 * scale, np.abs(out_on - out_off).max() / scale
 
 
+@pytest.mark.slow  # default-suite budget; every kernel and the VAE round trip stay
 def test_small_unet_forward_agrees_between_the_paths(monkeypatch):
     from diffjax.models.unet import UNet2DConditionModel
 
