@@ -15,3 +15,16 @@ if ! python3 -c "import grain, constriction, ml_collections" 2>/dev/null; then
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:$PWD/$DEV/pylib:${PYTHONPATH:-}
+
+# The shared data folder's layout (bsds500/{train,val}, video_*/, taesd/) over what
+# prepare.sh carried in .device/data; exports DIFFJAX_DATA, which the configs read.
+use_carried_data() {
+  export DIFFJAX_DATA=$PWD/$DEV/data
+  local split f
+  for split in train val; do
+    mkdir -p "$DIFFJAX_DATA/bsds500/$split"
+    for f in "$DIFFJAX_DATA"/bsds500_trainval/${split}_*.jpg; do
+      ln -sf "$f" "$DIFFJAX_DATA/bsds500/$split/${f##*/${split}_}"
+    done
+  done
+}

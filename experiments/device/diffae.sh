@@ -22,14 +22,7 @@ source "$(dirname "$0")/common.sh" "$@"
 WORK=${WORK:-/tmp/diffjax-device-runs/diffae}
 case $MODE in
   gpu|image)
-         # the shared data layout the configs expect, from what prepare.sh carried
-         export DIFFJAX_DATA=$PWD/$DEV/data
-         for split in train val; do
-           mkdir -p "$DIFFJAX_DATA/bsds500/$split"
-           for f in "$DIFFJAX_DATA"/bsds500_trainval/${split}_*.jpg; do
-             ln -sf "$PWD/$f" "$DIFFJAX_DATA/bsds500/$split/${f##*/${split}_}"
-           done
-         done
+         use_carried_data  # common.sh: the shared data layout over .device/data
          CFG=gpu; VCFG=gpu,ft8
          if [ "$MODE" = image ]; then LIMITS=(--stop_after_minutes=7.5); else
            LIMITS=(--stop_after_minutes=5); fi

@@ -18,14 +18,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh" "$@"
 case $MODE in
   gpu)   CFG=gpu; LIMITS=(--stop_after_minutes=7)
-         # the shared data layout the config expects, from what prepare.sh carried
-         export DIFFJAX_DATA=$PWD/$DEV/data
-         for split in train val; do
-           mkdir -p "$DIFFJAX_DATA/bsds500/$split"
-           for f in "$DIFFJAX_DATA"/bsds500_trainval/${split}_*.jpg; do
-             ln -sf "$f" "$DIFFJAX_DATA/bsds500/$split/${f##*/${split}_}"
-           done
-         done
+         use_carried_data  # common.sh: the shared data layout over .device/data
          CACHE=/tmp/ldm_taef2_latents ;;
   smoke) CFG=smoke; LIMITS=(--stop_after=2); CACHE=${WORK:-/tmp/diffjax-device-runs}/latents_smoke ;;
   *) echo "usage: $0 [gpu|smoke]" >&2; exit 2 ;;
