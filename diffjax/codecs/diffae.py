@@ -173,6 +173,18 @@ class _DiffAEParams:
     #: parameter groups a model of this codec must have (besides ``entropy``)
     param_groups: tuple = ("encoder", "unet", "vae")
 
+    def _set_rates(self, quality, quant_steps) -> None:
+        """The rate points (one quantisation step each, all positive) and ``quality``'s check."""
+        self.quant_steps = tuple(float(s) for s in quant_steps)
+        if not self.quant_steps or min(self.quant_steps) <= 0:
+            raise InputError(f"quant_steps must be positive, got {quant_steps!r}")
+        self.qualities = tuple(range(len(self.quant_steps)))
+        self._check_quality(quality)
+
+    def _check_quality(self, quality) -> None:
+        if not (isinstance(quality, (int, np.integer)) and quality in self.qualities):
+            raise InputError(f"quality must be one of {self.qualities}, got {quality!r}")
+
     def _prepared(self, params):
         return self._cache.get(params, self._prepare)
 
@@ -193,8 +205,7 @@ class _DiffAEParams:
 
     def at_quality(self, quality: int):
         """This codec at another rate point, sharing networks, tables and compilations."""
-        if not (isinstance(quality, (int, np.integer)) and quality in self.qualities):
-            raise InputError(f"quality must be one of {self.qualities}, got {quality!r}")
+        self._check_quality(quality)
         other = copy.copy(self)
         other.quality = int(quality)
         return other
@@ -227,12 +238,7 @@ class DiffAECodec(_DiffAEParams, Codec):
                  dtype: Any = jnp.float32):
         from diffjax.models.unet import UNet2DConditionModel
 
-        self.quant_steps = tuple(float(s) for s in quant_steps)
-        if not self.quant_steps or min(self.quant_steps) <= 0:
-            raise InputError(f"quant_steps must be positive, got {quant_steps!r}")
-        self.qualities = tuple(range(len(self.quant_steps)))
-        if not (isinstance(quality, (int, np.integer)) and quality in self.qualities):
-            raise InputError(f"quality must be one of {self.qualities}, got {quality!r}")
+        self._set_rates(quality, quant_steps)
         if vae_config is None or unet_config is None:
             raise InputError("the diffae codec needs vae_config and unet_config "
                              "(see experiments/configs/diffae.py)")

@@ -95,12 +95,7 @@ class DiffAEVideoCodec(_DiffAEParams, VideoCodec):
             raise InputError(f"group_frames must be a multiple of f_t={temporal_factor} in "
                              f"1..{MAX_GROUP}, got {group_frames!r}")
         self.group_frames = int(g)
-        self.quant_steps = tuple(float(s) for s in quant_steps)
-        if not self.quant_steps or min(self.quant_steps) <= 0:
-            raise InputError(f"quant_steps must be positive, got {quant_steps!r}")
-        self.qualities = tuple(range(len(self.quant_steps)))
-        if not (isinstance(quality, (int, np.integer)) and quality in self.qualities):
-            raise InputError(f"quality must be one of {self.qualities}, got {quality!r}")
+        self._set_rates(quality, quant_steps)
         if vae_config is None or unet_config is None:
             raise InputError("the diffae-video codec needs vae_config and unet_config "
                              "(see experiments/configs/diffae_video.py)")
